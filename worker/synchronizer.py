@@ -62,7 +62,8 @@ class SyncStats:
     gap_samples: int = 0  # silence inserted by stalls
     segments: int = 0
     interrupts: int = 0
-    first_speech_position: int | None = None
+    first_speech_position: int | None = None  # clock position of the first speech sample
+    last_segment_end: int | None = None  # clock position where the last segment's audio ended
 
 
 class AvatarSynchronizer:
@@ -218,6 +219,7 @@ class AvatarSynchronizer:
         self._segment_samples = 0
         self._history.append((position, None, [True]))
         self.stats.segments += 1
+        self.stats.last_segment_end = position
         if self.on_segment_played is not None:
             self.on_segment_played(played)
 

@@ -1,0 +1,139 @@
+"""``avatar-server``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .render_job import SAMPLE_SPEECH, RenderError, read_audio, render
+from .types import AvatarSettings
+
+logger = logging.getLogger("avatar-server")
+
+
+def _render_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .renderer_factory import RendererSpec, open_renderer
+
+    audio_path = Path(args.audio) if args.audio else SAMPLE_SPEECH
+    try:
+        audio = read_audio(audio_path)
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = AvatarSettings(video_width=args.width, video_height=args.height, video_fps=args.fps)
+    spec = RendererSpec(
+        kind=args.renderer,
+        weights=args.weights,
+        avatar=args.avatar,
+        backend=args.backend,
+        device=args.device,
+        in_process=args.in_process,
+        settings=settings,
+    )
+    total = len(audio) / settings.audio_sample_rate
+    bar = tqdm(
+        total=round(total, 1),
+        unit="s",
+        desc="render",
+        disable=args.quiet,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+    )
+
+    def progress(seconds: float) -> None:
+        bar.n = round(min(seconds, total), 1)
+        bar.refresh()
+
+    async def run():
+        async with open_renderer(spec) as renderer:
+            return await render(
+                audio,
+                args.out,
+                renderer,
+                settings=settings,
+                speed=args.speed,
+                jitter_frames=args.jitter_frames,
+                progress=progress,
+            )
+
+    try:
+        report = _run(run())
+    except (RenderError, ValueError, FileNotFoundError) as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(
+        f"wrote {report.out}: {report.output_seconds:.2f} s of audio "
+        f"(input {report.input_seconds:.2f} s), {report.video_frames} frames at "
+        f"{report.fps:g} fps, {report.stalls} stalls"
+    )
+    return 0
+
+
+def _run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avatar-server",
+        description="Self-hosted lip-sync avatar server for VideoSDK AI agents.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser(
+        "render",
+        help="run a local session on an audio file and write the result to an MP4",
+        description="Send an audio file through a local session (agent -> room -> avatar "
+        "session -> renderer process -> tracks) and write what the room would receive "
+        "to an MP4 (H.264 + AAC).",
+    )
+    r.add_argument("--audio", help="input audio file (default: the bundled speech sample)")
+    r.add_argument("--out", required=True, help="output MP4 path")
+    r.add_argument("--avatar", help="avatar directory made by 'prepare' (default: built-in)")
+    r.add_argument(
+        "--weights",
+        default="builtin",
+        help="'builtin', 'reference' or a Wav2Lip-compatible ONNX file (default: builtin)",
+    )
+    r.add_argument("--renderer", choices=["lipsync", "pattern"], default="lipsync",
+                   help="lipsync: the model; pattern: a deterministic test pattern")
+    r.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--fps", type=float, default=25.0, help="video frame rate (default 25)")
+    r.add_argument("--width", type=int, default=512)
+    r.add_argument("--height", type=int, default=512)
+    r.add_argument("--jitter-frames", type=int, default=3,
+                   help="frames queued before playout starts (default 3)")
+    r.add_argument("--speed", type=float, default=1.0,
+                   help="clock speed: >1 renders faster than real time if the renderer keeps up")
+    r.add_argument("--in-process", action="store_true",
+                   help="render in this process instead of a renderer process (debugging)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_render_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
