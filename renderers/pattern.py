@@ -51,7 +51,7 @@ class PatternRenderer(FrameRenderer):
             audio = job.span.audio.astype(np.float32)
             rms = float(np.sqrt(np.mean(audio**2))) if audio.size else 0.0
             click = bool(audio.size and np.abs(audio).max() >= self.click_level)
-            out.append(self._frame(min(1.0, rms / 8000.0), click))
+            out.append(self._frame(min(1.0, rms / 4000.0), click))
         return out
 
     def mouth_box(self) -> tuple[int, int, int, int]:

@@ -107,19 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="builtin",
         help="'builtin', 'reference' or a Wav2Lip-compatible ONNX file (default: builtin)",
     )
-    r.add_argument("--renderer", choices=["lipsync", "pattern"], default="lipsync",
-                   help="lipsync: the model; pattern: a deterministic test pattern")
+    r.add_argument(
+        "--renderer",
+        choices=["lipsync", "pattern"],
+        default="lipsync",
+        help="lipsync: the model; pattern: a deterministic test pattern",
+    )
     r.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--fps", type=float, default=25.0, help="video frame rate (default 25)")
     r.add_argument("--width", type=int, default=512)
     r.add_argument("--height", type=int, default=512)
-    r.add_argument("--jitter-frames", type=int, default=3,
-                   help="frames queued before playout starts (default 3)")
-    r.add_argument("--speed", type=float, default=1.0,
-                   help="clock speed: >1 renders faster than real time if the renderer keeps up")
-    r.add_argument("--in-process", action="store_true",
-                   help="render in this process instead of a renderer process (debugging)")
+    r.add_argument(
+        "--jitter-frames",
+        type=int,
+        default=3,
+        help="frames queued before playout starts (default 3)",
+    )
+    r.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="clock speed: >1 renders faster than real time if the renderer keeps up",
+    )
+    r.add_argument(
+        "--in-process",
+        action="store_true",
+        help="render in this process instead of a renderer process (debugging)",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_render_command)
     return parser

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -72,28 +74,40 @@ def read_audio(path: str | Path, sample_rate: int = protocol.SAMPLE_RATE) -> np.
 
 
 class _Recorder:
-    """Pulls both tracks and writes the span [first speech sample, segment end)."""
+    """Pulls both tracks and writes from the first speech sample to the segment end.
+
+    The file's time origin is the last video tick at or before the first speech
+    sample, so video frames keep their exact spacing; the audio starts with the
+    few milliseconds of silence between that tick and the first sample.
+    """
 
     def __init__(self, server: AvatarServer, writer: Mp4Writer) -> None:
         self.server = server
         self.writer = writer
         self.sync = server.av_sync
+        self.fps = Fraction(server.video_track.fps)
         self.end: int | None = None
         self.done = asyncio.Event()
+        self._origin: int | None = None
         self._pending: list[tuple[int, av.VideoFrame]] = []
 
     @property
-    def start(self) -> int | None:
-        return self.sync.stats.first_speech_position
+    def origin(self) -> int | None:
+        start = self.sync.stats.first_speech_position
+        if self._origin is None and start is not None:
+            tick = math.floor(start * self.fps / self.sync.sample_rate)
+            self._origin = int(tick * self.sync.sample_rate / self.fps)
+            self.writer.write_audio(np.zeros(start - self._origin, np.int16))
+        return self._origin
 
     async def pull_audio(self) -> None:
         track = self.server.audio_track
         while not self.done.is_set():
             frame = await track.recv()
             pos, pcm = frame.pts, frame.to_ndarray().ravel()
-            if self.start is None:
+            if self.origin is None:
                 continue
-            lo = max(pos, self.start)
+            lo = max(pos, self.sync.stats.first_speech_position)
             hi = pos + len(pcm) if self.end is None else min(pos + len(pcm), self.end)
             if hi > lo:
                 self.writer.write_audio(pcm[lo - pos : hi - pos])
@@ -102,16 +116,16 @@ class _Recorder:
 
     async def pull_video(self) -> None:
         track = self.server.video_track
-        spf = self.sync.sample_rate / float(track.fps)
         while not self.done.is_set():
             frame = await track.recv()
             pos = round(frame.pts * self.sync.sample_rate / 90_000)
             self._pending = [*self._pending[-1:], (pos, frame.reformat(format="yuv420p"))]
-            if self.start is None:
+            origin = self.origin
+            if origin is None:
                 continue
             for p, f in self._pending:
-                if p > self.start - spf and (self.end is None or p < self.end):
-                    self.writer.write_video(f, max(0, p - self.start))
+                if p >= origin and (self.end is None or p < self.end):
+                    self.writer.write_video(f, p - origin)
             self._pending.clear()
 
 
@@ -161,7 +175,10 @@ async def render(
         server.av_sync.on_segment_played, lambda _: _mark_end(recorder)
     )
     await server.start()
-    pullers = [asyncio.create_task(recorder.pull_audio()), asyncio.create_task(recorder.pull_video())]
+    pullers = [
+        asyncio.create_task(recorder.pull_audio()),
+        asyncio.create_task(recorder.pull_video()),
+    ]
     try:
         await agent.handle_audio_input(audio.tobytes())
         await agent.send_segment_end()

@@ -1,0 +1,108 @@
+"""The ``render`` command end to end: duration, fps, audio present and in sync."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from renderers.pattern import MARKER
+from worker.cli import main
+from worker.render_job import RenderError, read_audio
+
+SR = 24_000
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int = SR) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype(np.int16).tobytes())
+    return path
+
+
+def _clicks(seconds: float, at: list[float]) -> np.ndarray:
+    """Quiet noise with loud 5 ms clicks at the given times."""
+    rng = np.random.default_rng(1)
+    audio = (rng.standard_normal(int(seconds * SR)) * 300).astype(np.int16)
+    for t in at:
+        i = int(t * SR)
+        audio[i : i + SR // 200] = 30_000
+    return audio
+
+
+def _decode(path: Path):
+    with av.open(str(path)) as c:
+        vstream = c.streams.video[0]
+        fps = float(vstream.average_rate)
+        frames = [
+            (float(f.pts * f.time_base), f.to_ndarray(format="gray")) for f in c.decode(video=0)
+        ]
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
+        rate = c.streams.audio[0].rate
+    return fps, frames, audio, rate
+
+
+def test_render_writes_synced_mp4(tmp_path: Path) -> None:
+    clicks_at = [0.5, 1.3, 2.1]
+    wav = _write_wav(tmp_path / "in.wav", _clicks(2.6, clicks_at))
+    out = tmp_path / "out.mp4"
+    rc = main(
+        [
+            "render",
+            "--audio",
+            str(wav),
+            "--out",
+            str(out),
+            "--renderer",
+            "pattern",
+            "--in-process",
+            "--speed",
+            "4",
+            "-q",
+            "--width",
+            "256",
+            "--height",
+            "256",
+        ]
+    )
+    assert rc == 0
+    fps, frames, audio, rate = _decode(out)
+    assert fps == pytest.approx(25)
+    assert rate == SR
+    # Duration matches the input within one frame, for both streams.
+    assert abs(len(audio) / rate - 2.6) < 1 / 25 + 1024 / rate  # AAC priming/padding
+    last_video = frames[-1][0] + 1 / 25
+    assert abs(last_video - 2.6) <= 1 / 25 + 1e-6
+    # Audio present: the clicks are where they were in the input.
+    loud = np.flatnonzero(np.abs(audio) > 0.5)
+    gaps = np.flatnonzero(np.diff(loud) > rate // 10)
+    onsets = [loud[0] / rate] + [loud[i + 1] / rate for i in gaps]
+    assert len(onsets) == 3
+    assert np.allclose(onsets, clicks_at, atol=0.03)
+    # In sync: the marker flashes in the video frame whose time span holds the click.
+    flashes = [t for t, img in frames if img[: MARKER // 2, : MARKER // 2].mean() > 128]
+    for click in onsets:
+        shown = [t for t in flashes if t - 1e-6 <= click < t + 1 / 25 + 1e-6]
+        assert shown, f"no flash for the click at {click}s; flashes at {flashes}"
+
+
+def test_render_rejects_unreadable_audio(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really a wave file")
+    rc = main(["render", "--audio", str(bad), "--out", str(tmp_path / "o.mp4"), "-q"])
+    assert rc == 2
+    assert "cannot read audio" in capsys.readouterr().err
+
+
+def test_read_audio_resamples_to_24k(tmp_path: Path) -> None:
+    tone = (np.sin(np.arange(16_000) / 16_000 * 2 * np.pi * 200) * 10_000).astype(np.int16)
+    pcm = read_audio(_write_wav(tmp_path / "t.wav", tone, rate=16_000))
+    assert abs(len(pcm) - SR) <= 64
+    with pytest.raises(RenderError, match="not found"):
+        read_audio(tmp_path / "missing.wav")
