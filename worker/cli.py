@@ -137,10 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_render_command)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(
+            name, help=f"{help_text} (see 'avatar-server {name} --help')", add_help=False
+        )
     return parser
 
 
+# Subcommands with their own parsers, imported only when used (the session
+# process must start fast and never import the renderer side).
+PASSTHROUGH = {
+    "prepare": (
+        "renderers.prepare:main",
+        "make an avatar directory from a portrait image or video",
+    ),
+    "serve": ("worker.dispatcher.app:serve_main", "run the dispatcher (HTTP join endpoint)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        from .renderer_factory import load_factory
+
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return load_factory(PASSTHROUGH[argv[0]][0])(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

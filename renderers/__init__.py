@@ -1,0 +1,1 @@
+"""The renderer side: rings, the renderer process, frame renderers and their backends."""

@@ -1,0 +1,392 @@
+"""The renderer process: one frame renderer serving many sessions through rings.
+
+Started with the ``spawn`` method by :class:`~renderers.supervisor.Supervisor`.
+It builds its :class:`~renderers.base.FrameRenderer` once, from an importable
+factory (``"package.module:callable"`` plus keyword arguments), so models
+load once; then it serves every attached session (one ring pair and one
+:class:`~renderers.base.RenderStream` each) until told to shut down or until
+its supervisor disappears (end-of-file on the control socket).
+
+One turn of the loop::
+
+    heartbeat ─▶ control messages ─▶ per session: follow the epoch, read audio
+    into render jobs, write idle frames and frameless segment ends ─▶ pick a
+    batch (earliest deadline first, across sessions) ─▶ render it ─▶ write each
+    frame with its audio into its session's frame ring
+    ─▶ nothing to do?  wait on every doorbell, the control socket and the
+       sessions' pidfds (epoll), at most one heartbeat interval
+
+Deadlines: a session plays one frame per frame interval, so the ``k``-th
+queued job of a session whose frame ring already holds ``f`` frames is needed
+``f + k`` frame intervals from now.  The batch takes the smallest of these
+across sessions, at most ``renderer.max_batch`` jobs, and never more for a
+session than its frame ring has free slots: a session that does not read its
+frames only stalls itself.
+
+Interrupts: a session's epoch (``max(epoch, floor_epoch)`` of its audio ring)
+is checked every turn and again after every render; audio records and jobs of
+an older epoch are discarded, rendered frames of an older epoch are not
+written.  Idle frames cost no inference: the renderer's idle loop is sent once
+per attach, as ``IDLE`` slots ahead of any speech.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from .audio_ring import PCM, RingCorruptError
+from .base import FrameRenderer, RenderJob, RenderStream
+from .control import (
+    Attach,
+    ChannelClosed,
+    ControlChannel,
+    Detach,
+    Detached,
+    Interrupt,
+    Ready,
+    SessionRings,
+    Shutdown,
+    StartFailed,
+    StatusBlock,
+    SwapResult,
+    SwapWeights,
+)
+from .frame_ring import IDLE, SEGMENT_END, SPEECH, samples_per_frame_max
+from .shm import PassFd, close_fds
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # queue entry: a segment end with no frame (the segment had no audio)
+
+
+def load_factory(path: str) -> Callable[..., FrameRenderer]:
+    """``"package.module:callable"`` -> the callable, with errors a user can act on."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"renderer factory {path!r} is not of the form 'package.module:callable'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"renderer factory {path!r}: module {module!r} not found") from exc
+    except AttributeError:
+        raise ValueError(f"renderer factory {path!r}: {module} has no {name!r}") from None
+
+
+@dataclass(eq=False)
+class _Session:
+    id: int
+    rings: SessionRings
+    stream: RenderStream
+    order: int  # attach order, the tie-break between equal deadlines
+    epoch: int
+    owner: int | None = None  # pidfd of the session process
+    queue: deque = field(default_factory=deque)  # RenderJob | _END, all of ``epoch``
+    idle: deque = field(default_factory=deque)  # (index, frame) still to send
+
+    def current_epoch(self) -> int:
+        audio = self.rings.audio
+        return max(audio.epoch, audio.floor_epoch)
+
+    def restart(self, epoch: int) -> None:
+        self.stream.reset()
+        self.queue.clear()
+        self.epoch = epoch
+
+
+class RenderLoop:
+    def __init__(
+        self,
+        renderer: FrameRenderer,
+        channel: ControlChannel,
+        status: StatusBlock,
+        heartbeat_interval: float = 0.05,
+    ) -> None:
+        self.renderer, self.channel, self.status = renderer, channel, status
+        self.heartbeat_interval = heartbeat_interval
+        self.max_batch = max(1, int(getattr(renderer, "max_batch", 1)))
+        self.sessions: dict[int, _Session] = {}
+        self._idle = [np.ascontiguousarray(f) for f in renderer.idle_frames()]
+        self._fps = Fraction(renderer.fps).limit_denominator(1001)
+        self._order = itertools.count()
+        self._running = True
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(channel.sock, selectors.EVENT_READ, ("control", None))
+
+    def ready_message(self) -> Ready:
+        r = self.renderer
+        return Ready(
+            os.getpid(), r.width, r.height, float(r.fps), r.sample_rate, self.max_batch,
+            len(self._idle),
+        )  # fmt: skip
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        while self._running:
+            self.status.beat()
+            if not self._handle_control():
+                break
+            for session in list(self.sessions.values()):
+                try:
+                    self._pump(session)
+                except RingCorruptError as exc:
+                    self._drop(session, f"its audio ring is corrupt: {exc}")
+            batch = self._pick_batch()
+            if batch:
+                self._render(batch)
+            else:
+                self._wait()
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            self._drop(session, None)
+        self._selector.close()
+        self.renderer.close()
+
+    def _wait(self) -> None:
+        for key, _ in self._selector.select(self.heartbeat_interval):
+            kind, obj = key.data
+            if kind == "bell":
+                obj.drain()
+            elif kind == "owner" and obj.id in self.sessions:
+                self._drop(obj, "the session process exited")
+
+    # -- control ---------------------------------------------------------------
+    def _handle_control(self) -> bool:
+        """Handle every pending message; ``False`` once the loop must stop."""
+        while self._running:
+            try:
+                received = self.channel.recv(timeout=0)
+            except ChannelClosed:
+                logger.info("supervisor gone; renderer exiting")
+                return False
+            if received is None:
+                return True
+            msg, fds = received
+            if isinstance(msg, Attach):
+                self._attach(msg, fds)
+                continue
+            close_fds(fds)
+            if isinstance(msg, Detach):
+                if msg.session_id in self.sessions:
+                    self._drop(self.sessions[msg.session_id], None)
+            elif isinstance(msg, Interrupt):
+                if (session := self.sessions.get(msg.session_id)) is not None:
+                    session.rings.audio.skip_all()
+                    session.restart(session.epoch)
+            elif isinstance(msg, SwapWeights):
+                self.channel.send(self._swap(msg))
+            elif isinstance(msg, Shutdown):
+                self._running = False
+            else:
+                logger.warning("unexpected control message %r", msg)
+        return False
+
+    def _attach(self, msg: Attach, fds: list[int]) -> None:
+        n = SessionRings.N_FDS
+        ring_fds = fds[:n]
+        owner = fds[n] if msg.has_owner and len(fds) > n else None
+        close_fds(fds[n + (owner is not None) :])
+        owner_fds = [] if owner is None else [owner]
+        if msg.session_id in self.sessions:
+            close_fds(ring_fds + owner_fds)
+            self.channel.send(Detached(msg.session_id, "a session with this id is attached"))
+            return
+        try:
+            rings = SessionRings.from_fds(ring_fds, keep_fd=False)
+        except (ValueError, OSError) as exc:
+            close_fds(owner_fds)
+            self.channel.send(Detached(msg.session_id, f"its rings cannot be opened: {exc}"))
+            return
+        if (problem := self._geometry_problem(rings)) is not None:
+            rings.close()
+            close_fds(owner_fds)
+            self.channel.send(Detached(msg.session_id, problem))
+            return
+        session = _Session(msg.session_id, rings, self.renderer.open_stream(), next(self._order), 0)
+        session.epoch = session.current_epoch()
+        session.owner = owner
+        session.idle.extend(enumerate(self._idle))
+        self.sessions[session.id] = session
+        for bell in (rings.audio.data_bell, rings.frames.free_bell):
+            self._selector.register(bell.fd, selectors.EVENT_READ, ("bell", bell))
+        if owner is not None:
+            self._selector.register(owner, selectors.EVENT_READ, ("owner", session))
+        self.status.words[StatusBlock.SESSIONS] = len(self.sessions)
+
+    def _geometry_problem(self, rings: SessionRings) -> str | None:
+        r, g = self.renderer, rings.frames.geometry
+        if (g.width, g.height) != (r.width, r.height):
+            return f"its frames are {g.width}x{g.height}, the renderer draws {r.width}x{r.height}"
+        if rings.audio.sample_rate != r.sample_rate or g.sample_rate != r.sample_rate:
+            return f"its audio is {rings.audio.sample_rate} Hz, the renderer's {r.sample_rate} Hz"
+        if g.fps != self._fps:
+            return f"its frame rate is {float(g.fps):g} fps, the renderer's {float(r.fps):g}"
+        if g.max_audio < samples_per_frame_max(r.sample_rate, self._fps):
+            return "its frame slots are too small for one frame of audio"
+        return None
+
+    def _drop(self, session: _Session, reason: str | None) -> None:
+        self.sessions.pop(session.id, None)
+        for fd in (
+            session.rings.audio.data_bell.fd,
+            session.rings.frames.free_bell.fd,
+            session.owner,
+        ):
+            if fd is not None:
+                self._selector.unregister(fd)
+        session.rings.close()
+        if session.owner is not None:
+            os.close(session.owner)
+            session.owner = None
+        self.status.words[StatusBlock.SESSIONS] = len(self.sessions)
+        if reason is not None:
+            logger.info("dropped session %d: %s", session.id, reason)
+            try:
+                self.channel.send(Detached(session.id, reason))
+            except ChannelClosed:
+                pass
+
+    def _swap(self, msg: SwapWeights) -> SwapResult:
+        swap = getattr(self.renderer, "swap_weights", None)
+        if swap is None:
+            error = f"{type(self.renderer).__name__} does not support swapping weights"
+            return SwapResult(msg.request_id, False, error)
+        with _KeepBeating(self.status, self.heartbeat_interval):
+            try:
+                swap(msg.path)
+            except Exception as exc:
+                logger.warning("weight swap to %s failed: %s", msg.path, exc)
+                return SwapResult(msg.request_id, False, str(exc) or type(exc).__name__)
+        return SwapResult(msg.request_id, True)
+
+    # -- audio in, frames out --------------------------------------------------
+    def _pump(self, s: _Session) -> None:
+        """Follow the epoch, turn queued audio into jobs, send what needs no inference."""
+        current = s.current_epoch()
+        if current != s.epoch:
+            s.restart(current)
+        audio, frames = s.rings.audio, s.rings.frames
+        # Jobs held here are bounded; the rest of the audio waits in the ring.
+        limit = frames.geometry.slots + self.max_batch
+        consumed = False
+        while len(s.queue) < limit and (record := audio.read()) is not None:
+            consumed = True
+            if record.epoch < s.epoch:
+                continue
+            if record.epoch > s.epoch:  # bumped after we looked at the header
+                s.restart(record.epoch)
+            if record.kind == PCM:
+                s.queue.extend(s.stream.push(record.pcm))
+            else:
+                s.queue.extend(s.stream.end_segment() or [_END])
+        if consumed:
+            audio.notify_space()
+        while s.idle and frames.free_slots:
+            index, image = s.idle.popleft()
+            flags = IDLE | (SEGMENT_END if not s.idle else 0)
+            frames.write(image, None, epoch=s.epoch, pts=index, flags=flags)
+        while s.queue and s.queue[0] is _END and frames.free_slots:
+            s.queue.popleft()
+            frames.write(None, None, epoch=s.epoch, pts=0, flags=SEGMENT_END)
+
+    def _pick_batch(self) -> list[tuple[_Session, RenderJob]]:
+        """Earliest deadline first across sessions, at most ``max_batch`` jobs."""
+        candidates = []
+        for s in self.sessions.values():
+            if s.idle:
+                continue
+            ahead = s.rings.frames.used
+            room = min(s.rings.frames.free_slots, self.max_batch)
+            for k, item in enumerate(itertools.islice(s.queue, room)):
+                if item is _END:
+                    break
+                candidates.append((ahead + k, s.order, k, s))
+        candidates.sort(key=lambda c: c[:3])
+        taken: dict[_Session, int] = {}
+        for *_, s in candidates[: self.max_batch]:
+            taken[s] = taken.get(s, 0) + 1
+        # Each session's share is a prefix of its queue (k grows with the deadline).
+        return [(s, s.queue.popleft()) for s, n in taken.items() for _ in range(n)]
+
+    def _render(self, batch: list[tuple[_Session, RenderJob]]) -> None:
+        epochs = [s.epoch for s, _ in batch]
+        images = self.renderer.render([job for _, job in batch])
+        if len(images) != len(batch):
+            raise RuntimeError(f"render() returned {len(images)} frames for {len(batch)} jobs")
+        words = self.status.words
+        words[StatusBlock.FRAMES] += len(batch)
+        words[StatusBlock.RENDER_CALLS] += 1
+        for (s, job), epoch, image in zip(batch, epochs, images, strict=True):
+            if s.id not in self.sessions or s.current_epoch() != epoch or s.epoch != epoch:
+                words[StatusBlock.STALE] += 1  # interrupted while it was being drawn
+                continue
+            flags = SPEECH | (SEGMENT_END if job.span.segment_end else 0)
+            span = job.span
+            if not s.rings.frames.write(image, span.audio, epoch=epoch, pts=span.pts, flags=flags):
+                raise RuntimeError("frame ring full although a slot was reserved")
+
+
+class _KeepBeating:
+    """Keeps the heartbeat going during a long, legitimate call (loading weights)."""
+
+    def __init__(self, status: StatusBlock, interval: float) -> None:
+        self.status, self.interval = status, interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.interval):
+            self.status.beat()
+
+    def __enter__(self) -> _KeepBeating:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def main(
+    factory: str,
+    kwargs: dict[str, Any],
+    control: socket.socket,
+    status_fd: PassFd,
+    heartbeat_interval: float = 0.05,
+) -> None:
+    """Entry point of the renderer process (the ``spawn`` target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    logging.basicConfig(level=logging.INFO, format=f"renderer[{os.getpid()}] %(message)s")
+    channel = ControlChannel(control)
+    status = StatusBlock.from_fd(status_fd.fd)
+    status.words[StatusBlock.PID] = os.getpid()
+    status.beat()
+    try:
+        renderer = load_factory(factory)(**kwargs)
+    except Exception as exc:
+        logger.exception("could not build the renderer")
+        channel.send(StartFailed(f"could not build the renderer {factory!r}: {exc}"))
+        raise SystemExit(1) from None
+    loop = RenderLoop(renderer, channel, status, heartbeat_interval)
+    status.beat()  # building may have taken longer than the hang timeout
+    channel.send(loop.ready_message())
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        channel.close()
+        status.close()
