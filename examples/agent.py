@@ -7,10 +7,10 @@ user sees and hears the avatar participant.
 
 Run (Python 3.12, ``pip install videosdk-agents videosdk-plugins-openai``)::
 
-    export VIDEOSDK_API_KEY=... VIDEOSDK_SECRET_KEY=...   # the same pair the server has
-    export VIDEOSDK_ROOM_ID=...                            # the room to join
+    export VIDEOSDK_API_KEY=... VIDEOSDK_SECRET_KEY=...  # the same pair the server has
+    export VIDEOSDK_ROOM_ID=...                           # the room to join
     export OPENAI_API_KEY=...
-    export AVATAR_DISPATCHER_URL=http://127.0.0.1:8089/launch   # where 'avatar-server serve' listens
+    export AVATAR_DISPATCHER_URL=http://127.0.0.1:8089/launch  # 'avatar-server serve'
     python examples/agent.py
 
 The avatar's join token is signed here with the VideoSDK secret; the server

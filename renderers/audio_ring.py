@@ -30,6 +30,19 @@ When fewer than 32 bytes are left before the end of the data area the writer
 puts a WRAP record there; a long PCM chunk is split into several records
 (PCM is a stream, so the reader sees the same samples).
 
+State of the data area (positions modulo ``capacity``)::
+
+    |  free  |##### unread records #####|  free  |
+             ^ tail                      ^ head
+
+    FREE ──session: write record(s) at head, then head += their size──▶ UNREAD
+      ▲                                                                   │
+      └──────────renderer: copy the record out, then tail += its size ◀──┘
+
+    The session writes only while ``head - tail + size <= capacity`` (a full
+    ring makes it wait, never overwrite); the renderer reads only while
+    ``tail < head``.  Each index has one writer.
+
 Epochs (interrupts, out of band): the session bumps ``epoch`` and rings the
 data doorbell; every record carries the epoch in force when it was written.
 The renderer discards records older than ``max(epoch, floor_epoch)`` along

@@ -13,6 +13,7 @@ Also here: :class:`SessionRings` (the ring pair an ``Attach`` hands over) and
 
 from __future__ import annotations
 
+import array
 import os
 import select
 import socket
@@ -103,6 +104,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 _MAX_MESSAGE = 64 * 1024
 _MAX_FDS = 16
+_FD_SIZE = array.array("i").itemsize
 
 
 class ChannelClosed(ConnectionError):
@@ -146,17 +148,21 @@ class ControlChannel:
             poller.register(self.sock, select.POLLIN)
             if not poller.poll(None if timeout is None else timeout * 1000):
                 return None
-        try:
-            data, fds, flags, _ = socket.recv_fds(
-                self.sock,
+        try:  # (socket.recv_fds would ignore these flags)
+            data, ancillary, flags, _ = self.sock.recvmsg(
                 _MAX_MESSAGE,
-                _MAX_FDS,
+                socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE),
                 socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT,
             )
         except BlockingIOError:
             return None
         except ConnectionResetError as exc:
             raise ChannelClosed("the control channel peer is gone") from exc
+        received = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+        fds = list(received)
         if not data:
             close_fds(fds)
             raise ChannelClosed("the control channel peer is gone")

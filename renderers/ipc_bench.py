@@ -1,7 +1,8 @@
 """Measure the frame ring against ``multiprocessing.Queue`` between two real processes.
 
-A producer process (the renderer's role) hands I420 frames to the consumer
-(this process, the session's role) at a steady pace, first through a
+A producer process (the renderer's role) hands I420 frames, each with the 960
+audio samples that play during it, to the consumer (this process, the
+session's role) at a steady pace, first through a
 :class:`~renderers.frame_ring.FrameRing`, then through a
 ``multiprocessing.Queue``.  Latency is from the moment the producer has a
 frame ready until the consumer holds its own copy of it.  CPU is user + system
@@ -23,6 +24,7 @@ from .frame_ring import SPEECH, FrameRing
 from .shm import PassFd
 
 _FPS, _RATE = 25, 24_000
+_AUDIO = np.arange(_RATE // _FPS, dtype=np.int16)  # the samples that play with a frame
 _SLOTS = 8
 _WARMUP = 2 * _SLOTS  # first touches of every slot page; not measured
 
@@ -50,7 +52,8 @@ def _ring_producer(fds, width, height, frames, period, results) -> None:
         while (slot := ring.slot_for_write()) is None:
             ring.free_bell.wait(1.0)
         np.copyto(slot[0], frame)
-        ring.publish(epoch=0, pts=stamp, flags=SPEECH)
+        slot[1][: _AUDIO.size] = _AUDIO
+        ring.publish(epoch=0, pts=stamp, flags=SPEECH, n_audio=_AUDIO.size)
     results.recv()  # the consumer has everything
     results.send(time.process_time() - cpu0)
     ring.close()
@@ -63,7 +66,7 @@ def _queue_producer(queue, width, height, frames, period, results) -> None:
         if i == _WARMUP:
             cpu0 = time.process_time()
         _pace(t0, i, period)
-        queue.put((time.monotonic_ns(), frame))
+        queue.put((time.monotonic_ns(), frame, _AUDIO))
     results.recv()
     results.send(time.process_time() - cpu0)  # includes the queue's feeder thread
 
@@ -95,7 +98,7 @@ def _run_ring(ctx, width, height, frames, period) -> dict:
             while (slot := ring.peek()) is None:
                 if not ring.ready_bell.wait(10.0):
                     raise TimeoutError("the ring producer stopped sending frames")
-            _copy = slot.video.copy()  # what a consumer keeps
+            _kept = slot.video.copy(), slot.audio.copy()  # what a consumer keeps
             latencies.append(time.monotonic_ns() - slot.pts)
             del slot
             ring.release()
@@ -123,7 +126,7 @@ def _run_queue(ctx, width, height, frames, period) -> dict:
         for i in range(_WARMUP + frames):
             if i == _WARMUP:
                 cpu0 = time.process_time()
-            stamp, _copy = queue.get(timeout=10.0)
+            stamp, *_kept = queue.get(timeout=10.0)
             latencies.append(time.monotonic_ns() - stamp)
         cpu = time.process_time() - cpu0
         ours.send(True)

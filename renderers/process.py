@@ -129,9 +129,14 @@ class RenderLoop:
     def ready_message(self) -> Ready:
         r = self.renderer
         return Ready(
-            os.getpid(), r.width, r.height, float(r.fps), r.sample_rate, self.max_batch,
-            len(self._idle),
-        )  # fmt: skip
+            pid=os.getpid(),
+            width=r.width,
+            height=r.height,
+            fps=float(r.fps),
+            sample_rate=r.sample_rate,
+            max_batch=self.max_batch,
+            idle_frames=len(self._idle),
+        )
 
     # -- the loop --------------------------------------------------------------
     def run(self) -> None:
@@ -157,12 +162,16 @@ class RenderLoop:
         self.renderer.close()
 
     def _wait(self) -> None:
+        gone = []
         for key, _ in self._selector.select(self.heartbeat_interval):
             kind, obj = key.data
             if kind == "bell":
                 obj.drain()
-            elif kind == "owner" and obj.id in self.sessions:
-                self._drop(obj, "the session process exited")
+            elif kind == "owner":
+                gone.append(obj)
+        for session in gone:  # after draining: dropping closes the session's doorbells
+            if session.id in self.sessions:
+                self._drop(session, "the session process exited")
 
     # -- control ---------------------------------------------------------------
     def _handle_control(self) -> bool:

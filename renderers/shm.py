@@ -8,6 +8,12 @@ reaches another process as a file descriptor, either inherited at spawn
 (:class:`PassFd`) or sent over a Unix socket (``SCM_RIGHTS``, see
 :mod:`renderers.control`).
 
+Ordering: a producer writes the payload, then stores the index that
+publishes it (one aligned 64-bit store through a ``memoryview`` cast to
+``"Q"``); the consumer loads the index, then the payload.  On x86-64 stores
+become visible in program order and aligned 64-bit stores are atomic, which
+is all the rings rely on.
+
 Wake-ups use ``eventfd`` counters (:class:`Doorbell`).  A doorbell is only a
 hint that "something changed": the truth is always in the ring's indices, so
 the waiting side re-reads the indices after every wake-up and spurious wakes

@@ -33,6 +33,7 @@ on :meth:`Supervisor.close`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -168,6 +169,7 @@ class Supervisor:
                 raise
             self._watcher = threading.Thread(target=self._watch, name="renderer-watch", daemon=True)
             self._watcher.start()
+            atexit.register(self.close)  # before multiprocessing terminates its children
             assert self.info is not None
             return self.info
 
@@ -260,6 +262,7 @@ class Supervisor:
 
     def close(self, timeout: float = 5.0) -> None:
         """Shut the renderer down (killing it if it does not exit) and free everything."""
+        atexit.unregister(self.close)
         self._closing.set()
         self._wake_watcher()
         if self._watcher is not None and self._watcher is not threading.current_thread():
@@ -362,38 +365,45 @@ class Supervisor:
     def _watch(self) -> None:
         interval = min(self.heartbeat_interval * 2, self.heartbeat_timeout / 4)
         while not self._closing.is_set():
-            with self._lock:
-                proc, channel, wake = self._proc, self._channel, self._wake
-                owners = {s.owner: s.id for s in self._sessions.values() if s.owner is not None}
-            if wake is None:
-                return
-            poller = select.poll()
-            poller.register(wake.fd, select.POLLIN)
-            for fd in owners:
-                poller.register(fd, select.POLLIN)
-            if proc is not None and channel is not None:
-                poller.register(proc.sentinel, select.POLLIN)
-                poller.register(channel.fileno(), select.POLLIN)
-            events = dict(poller.poll(interval * 1000))
-            if self._closing.is_set():
-                return
-            wake.drain()
-            for fd, session_id in owners.items():
-                if fd in events:
-                    self._forget(session_id, "its process exited")
-            if proc is None or channel is None:
-                continue  # failed for good: only owners are watched
-            reason = None
-            if channel.fileno() in events:
-                reason = self._read_replies(channel)
-            if proc.sentinel in events or reason is not None:
-                proc.join(1.0)  # an exit closes the channel too: report the exit
-                if proc.exitcode is not None:
-                    reason = f"the renderer process exited (code {proc.exitcode})"
-            if reason is None and self.heartbeat_age() > self.heartbeat_timeout:
-                reason = f"the renderer process hung (no heartbeat for {self.heartbeat_age():.1f}s)"
-            if reason is not None:
-                self._replace(reason)
+            try:
+                self._watch_once(interval)
+            except Exception:  # keep supervising whatever happened
+                logger.exception("error while watching the renderer process")
+                self._closing.wait(interval)
+
+    def _watch_once(self, interval: float) -> None:
+        with self._lock:
+            proc, channel, wake = self._proc, self._channel, self._wake
+            owners = {s.owner: s.id for s in self._sessions.values() if s.owner is not None}
+        if wake is None:
+            return
+        poller = select.poll()
+        poller.register(wake.fd, select.POLLIN)
+        for fd in owners:
+            poller.register(fd, select.POLLIN)
+        if proc is not None and channel is not None:
+            poller.register(proc.sentinel, select.POLLIN)
+            poller.register(channel.fileno(), select.POLLIN)
+        events = dict(poller.poll(interval * 1000))
+        if self._closing.is_set():
+            return
+        wake.drain()
+        for fd, session_id in owners.items():
+            if fd in events:
+                self._forget(session_id, "its process exited")
+        if proc is None or channel is None:
+            return  # failed for good: only owners are watched
+        reason = None
+        if channel.fileno() in events:
+            reason = self._read_replies(channel)
+        if proc.sentinel in events or reason is not None:
+            proc.join(1.0)  # an exit closes the channel too: report the exit
+            if proc.exitcode is not None:
+                reason = f"the renderer process exited (code {proc.exitcode})"
+        if reason is None and self.heartbeat_age() > self.heartbeat_timeout:
+            reason = f"the renderer process hung (no heartbeat for {self.heartbeat_age():.1f}s)"
+        if reason is not None:
+            self._replace(reason)
 
     def _read_replies(self, channel: ControlChannel) -> str | None:
         """Handle replies; returns a reason to replace the process, if any."""
@@ -432,7 +442,7 @@ class Supervisor:
                 try:
                     self._spawn()
                     pid = self.pid
-                except RendererStartError as exc:
+                except (RendererStartError, OSError) as exc:
                     logger.error("could not start a replacement renderer: %s", exc)
             if pid is None:
                 self.failed = True
@@ -442,9 +452,13 @@ class Supervisor:
                     self._send_attach(session)
             self.last_restart_seconds = time.monotonic() - detected
             event = RestartEvent(
-                reason, self.restarts, pid, tuple(self._sessions), self.last_restart_seconds,
+                reason=reason,
+                restarts=self.restarts,
+                pid=pid,
+                session_ids=tuple(self._sessions),
+                seconds=self.last_restart_seconds,
                 failed=pid is None,
-            )  # fmt: skip
+            )
         if event.failed:
             logger.error("the renderer could not be replaced; giving up")
         if self.on_restart is not None:

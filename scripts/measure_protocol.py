@@ -34,13 +34,13 @@ Reported, from what the tracks were pulled (as a WebRTC sender pulls them):
 * interrupt-to-silence: ms of the interrupted turn played after ``INTERRUPT``
   reached the avatar, in played audio;
 * A/V offset: wall time a frame was pulled minus the wall time the middle of its
-  audio was pulled (median and worst |offset|);
+  audio was pulled (median, p95 and worst |offset|);
 * the ``stream_ended`` acks and their error against what was actually played.
 
 Usage::
 
     python scripts/measure_protocol.py [--duration 30] [--speed 1] [--render-ms 15]
-        [--json out.json]
+        [--reliable-ms 10] [--reliable-jitter-ms 30] [--unreliable-ms 30] [--json out.json]
 
 ``--speed`` > 1 runs both avatars faster than real time (quick checks only:
 the numbers of record are taken at speed 1).
@@ -63,6 +63,7 @@ from av import AudioFrame, VideoFrame
 
 from renderers.base import RenderJob
 from renderers.pattern import PatternRenderer
+from worker import protocol
 from worker.audio_in import AvatarAudioIn
 from worker.audio_out import AvatarAudioOut
 from worker.auth import AvatarAuthCredentials
@@ -117,8 +118,10 @@ def _speech(seconds: float, seed: int) -> np.ndarray:
         parts.append(body)
         total += len(body)
         if total < seconds * SR:  # pad to a chunk boundary, then 3 all-zero chunks
-            pad = (-total) % 2400
-            parts.append(np.concatenate([_word(rng, 0.0)[:0], np.ones(pad, np.int16)]))
+            pad = (-total) % 2400  # a faint, never-zero tail up to the boundary
+            tail = rng.normal(0, 40, pad).round().astype(np.int16)
+            tail[tail == 0] = 1
+            parts.append(tail)
             parts.append(np.zeros(7200, np.int16))
             total += pad + 7200
     audio = np.concatenate(parts)[: int(seconds * SR)]
@@ -177,19 +180,19 @@ def _window_keys(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return key, valid
 
 
-# -- the frame renderer (shared) ------------------------------------------------------------------------
+# -- the frame renderer (shared) ------------------------------------------------------------------
 
 
 class TracedRenderer(PatternRenderer):
     """PatternRenderer + simulated inference time + a source tag in the bottom row."""
 
-    def __init__(self, render_ms: float, max_batch: int) -> None:
+    def __init__(self, render_ms: float, max_batch: int, speed: float) -> None:
         super().__init__(SIZE, SIZE, FPS, SR, max_batch=max_batch)
-        self.render_ms = render_ms
+        self.render_s = render_ms / 1000 / speed  # wall time per frame at this clock speed
 
     def render(self, jobs: Sequence[RenderJob]) -> list[np.ndarray]:
         images = super().render(jobs)
-        time.sleep(self.render_ms / 1000 * len(jobs))
+        time.sleep(self.render_s * len(jobs))
         for job, image in zip(jobs, images, strict=True):
             image[SIZE - 1, :TAG_BYTES] = _tag(job.span.audio)
         return images
@@ -212,7 +215,7 @@ def _read_tag(image: np.ndarray) -> tuple[np.ndarray, int]:
     return samples, int(row[8:].copy().view("<u2")[0])
 
 
-# -- the seed model ---------------------------------------------------------------------------------------
+# -- the seed model -------------------------------------------------------------------------------
 
 
 class SeedModelAudioIn(AvatarInput):
@@ -226,6 +229,7 @@ class SeedModelAudioIn(AvatarInput):
         self._until = 0.0
         self._speed = speed
         self._meeting = meeting
+        self._sending: set[asyncio.Future] = set()
         self.dropped = 0
         meeting.add_event_listener(self)
 
@@ -255,10 +259,10 @@ class SeedModelAudioIn(AvatarInput):
                 self._queue.put_nowait(AudioSegmentEnd())
 
     def notify_stream_ended(self, playback_position: float, interrupted: bool) -> None:
-        from worker import protocol
-
         payload = protocol.stream_ended(playback_position, interrupted)
-        asyncio.ensure_future(self._meeting.send(payload, {"reliability": "RELIABLE"}))
+        task = asyncio.ensure_future(self._meeting.send(payload, {"reliability": "RELIABLE"}))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     def __aiter__(self):
         return self
@@ -303,7 +307,8 @@ class InlineRenderer(AvatarRenderer):
                 continue
             (image,) = self.renderer.render([job])  # inline: blocks the loop
             yield VideoFrame.from_ndarray(image, format="yuv420p")
-            audio = AudioFrame.from_ndarray(job.span.audio.reshape(1, -1), format="s16", layout="mono")
+            pcm = job.span.audio.reshape(1, -1)
+            audio = AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
             audio.sample_rate = SR
             yield audio
 
@@ -418,7 +423,7 @@ class SeedModelServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-# -- running a session --------------------------------------------------------------------------------------
+# -- running a session ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -456,12 +461,29 @@ class _InterruptWatch:
             self.rec.interrupt_at = len(self.rec.audio) * AUDIO_FRAME
 
 
+@dataclass
+class Network:
+    """Data-channel delays in seconds: ``delay + uniform(0, jitter)`` per message.
+
+    Audio (UNRELIABLE) keeps its order here; RELIABLE messages may overtake it.
+    """
+
+    reliable: float = 0.01
+    reliable_jitter: float = 0.03
+    unreliable: float = 0.03
+
+
 async def run_session(
-    system: str, turns: list[Turn], duration: float, speed: float, render_ms: float
+    system: str,
+    turns: list[Turn],
+    duration: float,
+    speed: float,
+    render_ms: float,
+    network: Network,
 ) -> Recording:
     room = LocalRoom(
-        reliable=ChannelTiming(0.01 / speed, 0.03 / speed),
-        unreliable=ChannelTiming(0.03 / speed, 0.0),
+        reliable=ChannelTiming(network.reliable / speed, network.reliable_jitter / speed),
+        unreliable=ChannelTiming(network.unreliable / speed, 0.0),
         seed=7,
     )
     agent, avatar = room.join("agent"), room.join("avatar")
@@ -480,13 +502,14 @@ async def run_session(
         server = AvatarServer(
             avatar,
             audio_recv=audio_in,
-            video_gen=InProcessRenderer(TracedRenderer(render_ms, max_batch=8)),
+            video_gen=InProcessRenderer(TracedRenderer(render_ms, 8, speed)),
             options=AvatarSettings(SIZE, SIZE, FPS, SR),
             clock=MediaClock(SR, speed=speed),
         )
     else:
         audio_in = SeedModelAudioIn(avatar, speed)
-        server = SeedModelServer(audio_in, InlineRenderer(TracedRenderer(render_ms, 1)), speed)
+        inline = InlineRenderer(TracedRenderer(render_ms, 1, speed))
+        server = SeedModelServer(audio_in, inline, speed)
     avatar.add_event_listener(_InterruptWatch(rec))
     await server.start()
     if system == "ours":
@@ -517,20 +540,20 @@ async def _speak(out: AvatarAudioOut, turn: Turn, t0: float, speed: float) -> No
         return
     chunk = SR // 10
     for i in range(0, len(turn.audio), chunk):
-        if turn.interrupt_after is not None:
-            if time.monotonic() - began >= turn.interrupt_after / speed:
-                await out.interrupt()
-                # The TTS task notices the cancel a moment late: two more chunks go out.
-                for j in (i, i + chunk):
-                    await out.handle_audio_input(turn.audio[j : j + chunk].tobytes())
-                    await asyncio.sleep(0.02 / speed)
-                return
+        cut = turn.interrupt_after
+        if cut is not None and time.monotonic() - began >= cut / speed:
+            await out.interrupt()
+            # The TTS task notices the cancel a moment late: two more chunks go out.
+            for j in (i, i + chunk):
+                await out.handle_audio_input(turn.audio[j : j + chunk].tobytes())
+                await asyncio.sleep(0.02 / speed)
+            return
         await out.handle_audio_input(turn.audio[i : i + chunk].tobytes())
         await asyncio.sleep(0.1 / turn.rate / speed)
     await out.send_segment_end()
 
 
-# -- analysis -------------------------------------------------------------------------------------------------
+# -- analysis -------------------------------------------------------------------------------------
 
 
 def analyse(rec: Recording, turns: list[Turn], index: SourceIndex, speed: float) -> dict:
@@ -563,11 +586,9 @@ def analyse(rec: Recording, turns: list[Turn], index: SourceIndex, speed: float)
         if k == interrupted and rec.interrupt_at is not None:
             last = int(i[-1] + 4)
             interrupt_to_silence = max(0, last - rec.interrupt_at) / SR * 1000
-    # A/V offset: a frame's pull time against the pull time of the middle of its audio.
-    audio_wall = np.repeat(np.asarray(rec.audio_wall), AUDIO_FRAME)
-    where: dict[tuple[int, int], int] = {
-        (int(owner[m, 0]), int(owner[m, 1])): int(m) for m in mapped
-    }
+    # A/V offset: when a frame was pulled against when the middle of its audio played.
+    frame_wall = np.asarray(rec.audio_wall)
+    where = {(int(owner[m, 0]), int(owner[m, 1])): int(m) for m in mapped}
     offsets = []
     half = SR // FPS // 2
     for wall, tag in zip(rec.video_wall, rec.video_tags, strict=True):
@@ -575,11 +596,13 @@ def analyse(rec: Recording, turns: list[Turn], index: SourceIndex, speed: float)
             continue
         samples, offset = tag
         (found,) = index.lookup(_window_keys(samples)[0])
-        if found[0] < 0:
+        window_at = where.get((int(found[0]), int(found[1]))) if found[0] >= 0 else None
+        if window_at is None:
             continue
-        played_at = where.get((int(found[0]), int(found[1]) - offset + half))
-        if played_at is not None and played_at < len(audio_wall):
-            offsets.append((wall - audio_wall[played_at]) * speed * 1000)
+        middle = window_at - offset + half  # played index of the frame's middle sample
+        if 0 <= middle < len(frame_wall) * AUDIO_FRAME:
+            heard = frame_wall[middle // AUDIO_FRAME] + (middle % AUDIO_FRAME) / (SR * speed)
+            offsets.append((wall - heard) * speed * 1000)
     elapsed = (rec.t1 - rec.t0) * speed
     intervals = np.diff(np.asarray(rec.video_wall)) * speed * 1000 if rec.video_wall else []
     acks = [(round(p, 4), i) for p, i in rec.acks]
@@ -598,6 +621,9 @@ def analyse(rec: Recording, turns: list[Turn], index: SourceIndex, speed: float)
             None if interrupt_to_silence is None else round(interrupt_to_silence, 1)
         ),
         "av_offset_median_ms": round(float(np.median(offsets)), 1) if offsets else None,
+        "av_offset_p95_abs_ms": (
+            round(float(np.percentile(np.abs(offsets), 95)), 1) if offsets else None
+        ),
         "av_offset_max_abs_ms": round(float(np.max(np.abs(offsets))), 1) if offsets else None,
         "acks": acks,
         "ack_error_max_ms": round(max(ack_errors), 1) if ack_errors else None,
@@ -613,6 +639,7 @@ ROWS = [
     ("samples dropped", "samples_dropped"),
     ("interrupt -> silence (ms of audio)", "interrupt_to_silence_ms"),
     ("A/V offset, median (ms)", "av_offset_median_ms"),
+    ("A/V offset, p95 |x| (ms)", "av_offset_p95_abs_ms"),
     ("A/V offset, worst |x| (ms)", "av_offset_max_abs_ms"),
     ("stream_ended acks", "acks"),
     ("ack error vs played, worst (ms)", "ack_error_max_ms"),
@@ -637,15 +664,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="session length (s)")
     parser.add_argument("--speed", type=float, default=1.0, help="clock speed (1 = real time)")
     parser.add_argument("--render-ms", type=float, default=15.0, help="inference time per frame")
+    parser.add_argument("--reliable-ms", type=float, default=10.0, help="RELIABLE delay")
+    parser.add_argument("--reliable-jitter-ms", type=float, default=30.0, help="RELIABLE jitter")
+    parser.add_argument("--unreliable-ms", type=float, default=30.0, help="UNRELIABLE delay")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    network = Network(
+        args.reliable_ms / 1000, args.reliable_jitter_ms / 1000, args.unreliable_ms / 1000
+    )
     turns = conversation(args.duration)
     index = SourceIndex(turns)
     results = {}
     for system in ("ours", "seed-model"):
-        rec = asyncio.run(run_session(system, turns, args.duration, args.speed, args.render_ms))
+        rec = asyncio.run(
+            run_session(system, turns, args.duration, args.speed, args.render_ms, network)
+        )
         results[system] = analyse(rec, turns, index, args.speed)
-    settings = {k: getattr(args, k) for k in ("duration", "speed", "render_ms")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "duration",
+            "speed",
+            "render_ms",
+            "reliable_ms",
+            "reliable_jitter_ms",
+            "unreliable_ms",
+        )
+    }
     print(table(results))
     print(json.dumps({"settings": settings, "results": results}, indent=2))
     if args.json:

@@ -26,7 +26,18 @@ would in real time.  What was played is kept for assertions:
   clock positions (``"interrupt"`` when the avatar received ``INTERRUPT``,
   ``"ack"`` when the agent received ``stream_ended``).
 
-Assert on positions and content, never on wall time.  ``PatternRenderer``
+Usage::
+
+    async def test_a_turn(session):              # or: await make_session(speed=2, ...)
+        await session.send(speech(SR))           # the agent streams 1 s of PCM
+        await session.end_segment()
+        await session.wait_acks(1)
+        assert session.acks == [(1.0, False)]    # what the agent was told
+        assert locate(session.played(), ...) is not None
+
+``session.inject(payload, sender=...)`` hands the avatar one raw ``on_data``
+message (reordered, malformed or foreign traffic).  Assert on positions and
+content, never on wall time.  ``PatternRenderer``
 draws a white marker in every frame whose audio holds a sample of at least
 ``CLICK`` (see :func:`with_clicks`), so a click's frame can be found in the video.
 

@@ -18,6 +18,7 @@ from conftest import AGENT, AVATAR, SR, pcm, speech
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import worker.audio_in as audio_in_module
 from worker import protocol
 from worker.audio_in import AvatarAudioIn
 from worker.types import AudioSegmentEnd
@@ -128,7 +129,7 @@ async def test_stream_ended_goes_out_reliable_and_byte_exact() -> None:
     assert meeting.sent == [(expected, {"reliability": "RELIABLE"})]
 
 
-# -- segment ends ------------------------------------------------------------------------------------
+# -- segment ends ---------------------------------------------------------------------------------
 
 
 async def test_segment_end_is_held_for_the_grace_then_queued() -> None:
@@ -167,7 +168,7 @@ async def test_two_segment_ends_give_one() -> None:
     assert [type(i) for i in queued(audio_in)] == [AudioFrame, AudioSegmentEnd]
 
 
-# -- interrupts ----------------------------------------------------------------------------------------
+# -- interrupts -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("payload", [b"INTERRUPT", "INTERRUPT"], ids=["bytes", "str"])
@@ -218,7 +219,7 @@ async def test_a_new_interrupt_after_new_audio_resets_again() -> None:
     assert count[0] == 2
 
 
-# -- who counts -------------------------------------------------------------------------------------
+# -- who counts -----------------------------------------------------------------------------------
 
 
 async def test_configured_agent_only() -> None:
@@ -248,12 +249,12 @@ async def test_first_protocol_sender_is_the_agent() -> None:
     assert len(queued(audio_in)) == 1
 
 
-async def test_the_agent_identification_rule_is_documented() -> None:
-    doc = AvatarAudioIn.__module__ and __import__("worker.audio_in").audio_in.__doc__
+def test_the_agent_identification_rule_is_documented() -> None:
+    doc = audio_in_module.__doc__ or ""
     assert "agent_participant_id" in doc and "first participant" in doc
 
 
-# -- malformed input -----------------------------------------------------------------------------------
+# -- malformed input ------------------------------------------------------------------------------
 
 MALFORMED = [
     None,
@@ -301,11 +302,6 @@ async def test_odd_length_audio_is_logged_and_never_raises(caplog) -> None:
     assert sum(2 * i.samples for i in queued(audio_in)) == audio_in.stats["audio_bytes"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarAudioIn pads an odd-length payload and plays it; AvatarAudioOut always "
-    "sends whole samples, so an odd-length payload is not the agent's audio",
-)
 async def test_odd_length_payload_is_dropped() -> None:
     audio_in, meeting = receiver()
     meeting.deliver(b"\x01\x02\x03")
@@ -320,11 +316,6 @@ async def test_huge_payload_never_raises() -> None:
     assert sum(2 * i.samples for i in items) == audio_in.stats["audio_bytes"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarAudioIn plays a payload larger than the SDK's 15,360-byte limit as audio; "
-    "no agent can send one, so it is not from the agent's AvatarAudioOut",
-)
 async def test_payload_over_the_sdk_limit_is_logged_and_dropped(caplog) -> None:
     audio_in, meeting = receiver()
     caplog.set_level(logging.WARNING, logger="worker.audio_in")
@@ -333,12 +324,13 @@ async def test_payload_over_the_sdk_limit_is_logged_and_dropped(caplog) -> None:
     assert caplog.records
 
 
-# -- property-based ---------------------------------------------------------------------------------------
+# -- property-based -------------------------------------------------------------------------------
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
     max_leaves=6,
 )
 _typed_json = st.builds(

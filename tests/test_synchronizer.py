@@ -52,7 +52,9 @@ class Rig:
             clock=self.clock,
         )
         self.renderer = PatternRenderer(SIZE, SIZE, FPS, SR)
-        self.idle = [VideoFrame.from_ndarray(f, format="yuv420p") for f in self.renderer.idle_frames()]
+        self.idle = [
+            VideoFrame.from_ndarray(f, format="yuv420p") for f in self.renderer.idle_frames()
+        ]
         self.sync.set_idle_frames(self.idle)
         self.segments_played: list[int] = []
         self.sync.on_segment_played = self.segments_played.append
@@ -117,23 +119,15 @@ async def test_audio_is_played_bit_exact_without_gaps() -> None:
     assert rig.sync.stats.stalls == rig.sync.stats.gap_samples == 0
 
 
-_TICK_FIRST_AT_START = pytest.mark.xfail(
-    strict=True,
-    reason="AvatarSynchronizer.video_at predicts unit starts only while already playing: when "
-    "a segment starts on a video tick and that tick is pulled before the audio frame due at "
-    "the same instant, the tick shows idle and the segment's first frame is dropped",
-)
-
-
 @pytest.mark.parametrize(
     ("video_first", "lead_in"),
     [
         (False, 0),
         (False, 3),
         (True, 3),
-        pytest.param(True, 0, marks=_TICK_FIRST_AT_START),
+        pytest.param(True, 0),
     ],
-    ids=["audio-first-on-tick", "audio-first-off-tick", "video-first-off-tick", "video-first-on-tick"],
+    ids=["audio-on-tick", "audio-off-tick", "video-off-tick", "video-on-tick"],
 )
 async def test_each_tick_shows_the_frame_whose_audio_is_playing(
     video_first: bool, lead_in: int
@@ -163,9 +157,7 @@ async def test_click_lights_the_marker_in_the_frame_that_contains_it() -> None:
     await rig.run(40)
     heard = np.flatnonzero(rig.played() == CLICK)
     assert len(heard) == len(clicks)
-    lit = [
-        i for i, f in enumerate(rig.video_frames) if f.to_ndarray()[:8, :8].mean() > 128
-    ]
+    lit = [i for i, f in enumerate(rig.video_frames) if f.to_ndarray()[:8, :8].mean() > 128]
     assert lit == [int(p) // SPF for p in heard]  # offset 0 frames
 
 
@@ -183,7 +175,7 @@ async def test_pts_come_from_the_clock(fps, step) -> None:
     last_audio = 99 * AUDIO_FRAME
     assert len(rig.video_pts) == int(last_audio * Fraction(fps) / SR) + 1
     if fps == FPS:
-        assert VIDEO_PTS_STEP == step
+        assert step == VIDEO_PTS_STEP
 
 
 async def test_playout_waits_for_the_jitter_buffer() -> None:
@@ -296,12 +288,6 @@ async def test_back_to_back_segments_are_reported_once_each() -> None:
     assert np.array_equal(played[played != 0], np.concatenate([first, second]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AvatarSynchronizer.pull_audio calls _end_segment before adding the samples of "
-    "the current pull: a segment whose length is not a multiple of 480 is reported short, "
-    "and those samples are counted in the next segment",
-)
 async def test_segments_report_every_sample_played() -> None:
     rig = Rig()
     first, second = speech(5 * SPF + 100, seed=1), speech(7 * SPF + 37, seed=2)

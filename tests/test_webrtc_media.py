@@ -4,7 +4,8 @@
 
     AvatarAudioOut.connect() ──HTTP──▶ dispatcher ──spawns──▶ session process
     AvatarAudioOut ──data channels of a loopback RTCPeerConnection──▶ session
-        ──▶ renderer (pattern) ──▶ synchronizer ──▶ voice + visual tracks
+        ──audio ring──▶ renderer process (pattern) ──frame ring──▶ session
+        ──▶ synchronizer ──▶ voice + visual tracks
         ──RTP (Opus + VP8 | H264)──▶ the agent-side RTCPeerConnection ──▶ decoded here
 
 The audio carries loud clicks at the start of some frames; the pattern
@@ -106,7 +107,7 @@ async def server() -> AsyncIterator[RunningServer]:
         port=0,
         transport="local",
         renderer="pattern",
-        in_process=True,
+        in_process=False,  # the shared renderer process, through the rings
         api_key=API_KEY,
         secret=SECRET,
         token=BEARER,
@@ -135,7 +136,9 @@ async def test_whole_path_is_in_sync_at_the_receiver(server: RunningServer, code
         async def signal(sdp: str, kind: str) -> tuple[str, str]:
             body = {"sdp": sdp, "type": kind, "participant_id": "agent-m"}
             headers = {"Authorization": f"Bearer {BEARER}"}
-            async with http.post(f"{server.url}/local/room-m/offer", json=body, headers=headers) as r:
+            async with http.post(
+                f"{server.url}/local/room-m/offer", json=body, headers=headers
+            ) as r:
                 answer = await r.json()
                 assert r.status == 200, answer
                 return answer["sdp"], answer["type"]

@@ -9,13 +9,22 @@ Differences from the seed receiver, each a documented fix:
   ``agent_participant_id`` when given, otherwise the first participant that
   sends a protocol message (audio, ``segment_end`` or ``INTERRUPT``);
 * ``segment_end`` may overtake the last audio chunks (both channels are
-  unordered): the segment end is held for ``segment_end_grace`` seconds after
-  the last chunk of the segment arrived, so stragglers still belong to it;
+  unordered): the segment end takes effect ``segment_end_grace`` seconds after
+  it arrives, and audio arriving in that window still belongs to the segment
+  (even when the ``segment_end`` overtook all of it).  The window is fixed, not
+  extended by stragglers, and shorter than the playout's jitter buffer, so a
+  short segment does not stall waiting for it.  The price: a new segment whose
+  first audio arrives within the window of the previous ``segment_end`` is
+  merged into it (one ack for both); a real agent's next turn starts far later;
+* a segment whose ``segment_end`` never comes (lost, agent gone) ends after
+  ``segment_timeout`` seconds without audio, so its last frames still play;
 * after ``INTERRUPT`` the interrupted segment's in-flight audio keeps
   arriving: it is dropped until the channel has been quiet for
   ``interrupt_quiet`` seconds (capped at ``interrupt_max_drop``), so the next
   segment's audio plays.  Repeated ``INTERRUPT`` messages are idempotent;
-* malformed payloads are logged and dropped; nothing is raised into the SDK.
+* malformed payloads (wrong type, empty, odd length, over the SDK's 15,360-byte
+  limit, malformed typed JSON, no sender) are logged and dropped; nothing is
+  raised into the SDK.
 """
 
 from __future__ import annotations
@@ -62,7 +71,8 @@ class AvatarAudioIn(AvatarInput):
         sample_rate: int = protocol.SAMPLE_RATE,
         agent_participant_id: str | None = None,
         self_participant_id: str | None = None,
-        segment_end_grace: float = 0.2,
+        segment_end_grace: float = 0.08,
+        segment_timeout: float = 2.0,
         interrupt_quiet: float = 0.15,
         interrupt_max_drop: float = 1.0,
     ) -> None:
@@ -74,14 +84,15 @@ class AvatarAudioIn(AvatarInput):
         self.agent_participant_id = agent_participant_id
         self.self_participant_id = self_participant_id
         self.segment_end_grace = segment_end_grace
+        self.segment_timeout = segment_timeout
         self.interrupt_quiet = interrupt_quiet
         self.interrupt_max_drop = interrupt_max_drop
         self._queue: asyncio.Queue[AudioFrame | AudioSegmentEnd | None] = asyncio.Queue()
         self._meeting: Any | None = None
         self._listener: _DataListener | None = None
         self._segment_open = False  # audio of the current segment has been queued
-        self._pending_end: asyncio.TimerHandle | None = None
-        self._last_audio = 0.0  # monotonic time of the last accepted chunk
+        self._pending_end: asyncio.TimerHandle | None = None  # segment_end's grace window
+        self._idle_end: asyncio.TimerHandle | None = None  # segment_timeout without audio
         self._dropping_since: float | None = None  # set while discarding after INTERRUPT
         self._last_dropped = 0.0
         self._closed = False
@@ -131,8 +142,7 @@ class AvatarAudioIn(AvatarInput):
             return
         self._closed = True
         self._detach()
-        if self._pending_end is not None:
-            self._pending_end.cancel()
+        self._cancel_timers()
         self._queue.put_nowait(None)
 
     # -- incoming messages -----------------------------------------------------
@@ -150,7 +160,7 @@ class AvatarAudioIn(AvatarInput):
             self.stats["malformed"] += not self._closed
             return
         sender = data.get("from")
-        if not self._from_agent(sender):
+        if not isinstance(sender, str) or not sender or not self._from_agent(sender):
             self.stats["ignored"] += 1
             return
         try:
@@ -172,17 +182,21 @@ class AvatarAudioIn(AvatarInput):
             logger.info("ignored a control message of unknown type %r", msg.type)
         # StreamEnded is our own kind of message (another avatar's): nothing to do.
 
-    def _from_agent(self, sender: object) -> bool:
-        if sender is not None and sender == self.self_participant_id:
+    def _from_agent(self, sender: str) -> bool:
+        if sender == self.self_participant_id:
             return False
         return self.agent_participant_id is None or sender == self.agent_participant_id
 
-    def _lock_agent(self, sender: object) -> None:
-        if self.agent_participant_id is None and isinstance(sender, str):
+    def _lock_agent(self, sender: str) -> None:
+        if self.agent_participant_id is None:
             self.agent_participant_id = sender
             logger.info("agent identified as participant %s", sender)
 
     def _on_audio(self, raw: bytes) -> None:
+        if len(raw) % 2 or len(raw) > protocol.MAX_PAYLOAD:
+            self.stats["malformed"] += 1
+            logger.warning("dropped a PCM payload of %d bytes (odd or over the limit)", len(raw))
+            return
         now = time.monotonic()
         if self._dropping_since is not None:
             quiet = now - self._last_dropped >= self.interrupt_quiet
@@ -192,15 +206,14 @@ class AvatarAudioIn(AvatarInput):
                 self.stats["dropped_after_interrupt"] += len(raw)
                 return
             self._dropping_since = None
-        if len(raw) % 2:
-            logger.warning("odd-length PCM chunk (%d bytes): padded with one zero byte", len(raw))
-            raw += b"\x00"
-        self._last_audio = now
         self._segment_open = True
         self.stats["audio_bytes"] += len(raw)
         self._queue.put_nowait(self._frame(raw))
-        if self._pending_end is not None:  # a straggler: push the segment end back
-            self._schedule_segment_end()
+        if self._idle_end is not None:
+            self._idle_end.cancel()
+        self._idle_end = asyncio.get_running_loop().call_later(
+            self.segment_timeout, self._end_idle_segment
+        )
 
     def _frame(self, raw: bytes) -> AudioFrame:
         samples = np.frombuffer(raw, dtype=np.int16)
@@ -215,19 +228,30 @@ class AvatarAudioIn(AvatarInput):
     def _on_segment_end(self) -> None:
         if self._dropping_since is not None:
             return  # the interrupted segment's own end: already acknowledged
-        if self._segment_open:
-            self._schedule_segment_end()
-
-    def _schedule_segment_end(self) -> None:
-        if self._pending_end is not None:
-            self._pending_end.cancel()
-        loop = asyncio.get_running_loop()
-        self._pending_end = loop.call_later(self.segment_end_grace, self._emit_segment_end)
+        if self._pending_end is None:  # a repeated segment_end inside the window is one
+            loop = asyncio.get_running_loop()
+            self._pending_end = loop.call_later(self.segment_end_grace, self._emit_segment_end)
 
     def _emit_segment_end(self) -> None:
         self._pending_end = None
-        self._segment_open = False
-        self._queue.put_nowait(AudioSegmentEnd())
+        if self._segment_open:
+            self._segment_open = False
+            self._queue.put_nowait(AudioSegmentEnd())
+
+    def _end_idle_segment(self) -> None:
+        self._idle_end = None
+        if self._segment_open and self._pending_end is None:
+            logger.warning(
+                "no segment_end after %.1f s without audio: ending the segment",
+                self.segment_timeout,
+            )
+            self._emit_segment_end()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._pending_end, self._idle_end):
+            if timer is not None:
+                timer.cancel()
+        self._pending_end = self._idle_end = None
 
     def _on_interrupt(self) -> None:
         now = time.monotonic()
@@ -236,9 +260,7 @@ class AvatarAudioIn(AvatarInput):
         self._last_dropped = now
         if already:
             return  # a second INTERRUPT for the same barge-in
-        if self._pending_end is not None:
-            self._pending_end.cancel()
-            self._pending_end = None
+        self._cancel_timers()
         self._segment_open = False
         while not self._queue.empty():
             if self._queue.get_nowait() is None:  # keep a pending close

@@ -111,6 +111,8 @@ class AvatarAudioOut:
         return True
 
     def _on_data(self, data: dict) -> None:
+        if data.get("from") != self.participant_id:
+            return  # acks from any other participant (another avatar) are not ours
         try:
             msg = protocol.classify(data.get("payload"))
         except protocol.ProtocolError:

@@ -23,6 +23,7 @@ formatted exactly as videosdk-agents writes it (``json.dumps`` spacing).
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import msgspec
@@ -75,8 +76,12 @@ class ProtocolError(ValueError):
 
 
 def encode(msg: Control) -> str:
-    """A control message as the exact text videosdk-agents sends and expects."""
-    return msgspec.json.format(msgspec.json.encode(msg), indent=0).decode()
+    """A control message as the exact text videosdk-agents sends and expects.
+
+    The struct defines the schema; the text is ``json.dumps``'s, whose float
+    spelling (``4.1666666666666665e-05``) the agent side produces too.
+    """
+    return json.dumps(msgspec.to_builtins(msg))
 
 
 def stream_ended(playback_position: float, interrupted: bool) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -313,6 +314,7 @@ async def _answer(session: LiveSession, channel: ControlChannel, offer: Offer) -
 
 
 async def _read_commands(session: LiveSession, channel: ControlChannel) -> None:
+    answering: set[asyncio.Task] = set()
     while True:
         message = await channel.recv()
         if message is None:
@@ -321,7 +323,9 @@ async def _read_commands(session: LiveSession, channel: ControlChannel) -> None:
         if isinstance(message, Stop):
             session.stop(message.reason)
         elif isinstance(message, Offer):
-            asyncio.ensure_future(_answer(session, channel, message))
+            task = asyncio.ensure_future(_answer(session, channel, message))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
 
 
 async def serve_control(fd: int) -> int:
@@ -379,13 +383,27 @@ def main(argv: list[str] | None = None) -> int:
         description="One live avatar session; started by 'avatar-server serve', not by hand.",
     )
     parser.add_argument("--control-fd", type=int, required=True, help="inherited control socket")
+    parser.add_argument("--parent-pid", type=int, help="exit with this process (the dispatcher)")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
+        return 0
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s session %(name)s: %(message)s",
         stream=sys.stderr,
     )
     return _run(serve_control(args.control_fd))
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Get SIGTERM when the dispatcher dies, however it dies (Linux); False if it already has.
+
+    SIGTERM makes a live session leave its room; a spare simply exits.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return os.getppid() == parent_pid
 
 
 def _run(coro: Any) -> Any:

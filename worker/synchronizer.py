@@ -174,10 +174,7 @@ class AvatarSynchronizer:
         ch = self.channels
         out = np.zeros(n * ch, np.int16)
         self.stats.audio_frames += 1
-        if not self._playing and (
-            self._queued_units >= self.jitter_frames or (self._ends_queued and self._units)
-        ):
-            self._playing = True
+        self._maybe_start()
         filled = 0
         while self._playing and filled < n:
             if not self._units:  # ran dry mid-segment: silence until primed again
@@ -193,22 +190,29 @@ class AvatarSynchronizer:
                 break
             if unit.offset == 0 and not self._predicted(unit):
                 self._history.append((position + filled, unit.video, [False]))
-                if self.stats.first_speech_position is None:
-                    self.stats.first_speech_position = position + filled
+            if self.stats.first_speech_position is None:
+                self.stats.first_speech_position = position + filled
             take = min(n - filled, len(unit.pcm) // ch - unit.offset)
             out[filled * ch : (filled + take) * ch] = unit.pcm[
                 unit.offset * ch : (unit.offset + take) * ch
             ]
             unit.offset += take
             filled += take
+            self._segment_samples += take
+            self.stats.speech_samples += take
             if unit.offset * ch >= len(unit.pcm):
                 self._units.popleft()
                 self._queued_units -= 1
                 self._space.set()
-        self._segment_samples += filled
-        self.stats.speech_samples += filled
         self._pulled_until = position + n
         return out
+
+    def _maybe_start(self) -> None:
+        """Leave priming once the jitter buffer is full or the segment is complete."""
+        if not self._playing and (
+            self._queued_units >= self.jitter_frames or (self._ends_queued and self._units)
+        ):
+            self._playing = True
 
     def _predicted(self, unit: _Unit) -> bool:
         return unit.video is not None and any(v is unit.video for _, v, _ in self._history)
@@ -226,8 +230,11 @@ class AvatarSynchronizer:
     def video_at(self, position: int) -> VideoFrame | None:
         """The frame to show at clock ``position``: speech, or idle, or None."""
         self.stats.video_ticks += 1
-        if self._playing and position >= self._pulled_until:
-            self._predict_starts(position)
+        if position >= self._pulled_until:
+            # The audio pull due at this instant may not have run yet: decide as it will.
+            self._maybe_start()
+            if self._playing:
+                self._predict_starts(position)
         # Drop history entries superseded by a later one that has started by now.
         while len(self._history) > 1 and self._history[1][0] <= position:
             _, video, shown = self._history.popleft()

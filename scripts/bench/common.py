@@ -24,7 +24,8 @@ class BenchConfig:
     weights: str = "builtin"  # builtin | reference | path to an ONNX file
     batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     sessions: int | None = None  # None: search upwards until a session count fails
-    duration: float = 6.0  # seconds of speech per pacing / session run
+    duration: float = 5.0  # seconds of speech per pacing, sweep and sessions run
+    tts_speed: float = 1.0  # how fast the agent streams speech, in multiples of real time
     fps: float = 25.0
     width: int = 512
     height: int = 512

@@ -77,6 +77,7 @@ def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> d
     return {
         "cpu": cpu_model(),
         "cpu_count": usable_cpus(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # other work skews every timing
         "gpu": gpu_info(),
         "platform": platform.platform(),
         "python": platform.python_version(),

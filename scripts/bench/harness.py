@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -25,10 +25,20 @@ from worker.server import AvatarServer
 from worker.tracks import VIDEO_CLOCK_RATE
 from worker.types import AvatarRenderer, AvatarSettings
 
-from .common import Skip
+from .common import BenchConfig, Skip
 from .trace import Consumer, Trace
 
 CHUNK_MS = 40  # a streaming TTS's chunk
+
+
+def avatar_settings(config: BenchConfig) -> AvatarSettings:
+    """The session's output format for this benchmark run."""
+    return AvatarSettings(
+        video_width=config.width,
+        video_height=config.height,
+        video_fps=config.fps,
+        audio_sample_rate=config.sample_rate,
+    )
 
 
 class LocalAgent:
@@ -49,13 +59,14 @@ class LocalAgent:
         )
         self.first_send: float | None = None  # monotonic time of the first audio byte sent
 
-    async def speak(self, pcm: np.ndarray, *, realtime: bool) -> None:
-        """Send one segment in 40 ms chunks: paced like live TTS, or all at once."""
+    async def speak(self, pcm: np.ndarray, *, speed: float) -> None:
+        """Send one segment in 40 ms chunks, ``speed`` times faster than real time
+        (as a streaming TTS produces it); ``speed=0``: all at once."""
         chunk = self.sample_rate * CHUNK_MS // 1000
         start = time.monotonic()
         for i, offset in enumerate(range(0, len(pcm), chunk)):
-            if realtime:
-                delay = start + i * CHUNK_MS / 1000 - time.monotonic()
+            if speed > 0:
+                delay = start + i * CHUNK_MS / 1000 / speed - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             if self.first_send is None:
@@ -160,11 +171,12 @@ async def run_speech(
     pcm: np.ndarray,
     *,
     fps: float,
-    realtime: bool,
+    speed: float,
     lead_in: float = 0.5,
     timeout: float | None = None,
 ) -> Trace:
-    """Start the session, idle for ``lead_in`` s, speak ``pcm`` and record until it played."""
+    """Start the session, idle for ``lead_in`` s, speak ``pcm`` at ``speed`` times real
+    time and record until it played."""
     consumer = Consumer(session.audio_track, session.video_track, fps, agent.sample_rate)
     seconds = len(pcm) / agent.sample_rate
     timeout = timeout if timeout is not None else 20.0 + 3.0 * seconds
@@ -172,7 +184,7 @@ async def run_speech(
     consumer.start()
     try:
         await asyncio.sleep(lead_in)
-        speaking = asyncio.create_task(agent.speak(pcm, realtime=realtime))
+        speaking = asyncio.create_task(agent.speak(pcm, speed=speed))
         deadline = time.monotonic() + timeout
         while not session.played():
             if time.monotonic() > deadline:
@@ -183,16 +195,3 @@ async def run_speech(
     finally:
         await consumer.stop()
     return consumer.trace
-
-
-@contextlib.asynccontextmanager
-async def shared_renderer_process(
-    factory: str, kwargs: dict[str, Any], settings: AvatarSettings
-) -> AsyncIterator[Callable[[], contextlib.AbstractAsyncContextManager[AvatarRenderer]]]:
-    """One renderer process for many sessions; yields ``open_one()`` for each session."""
-    try:
-        from worker.shm_renderer import ShmRenderer  # noqa: F401
-    except ImportError as exc:
-        raise Skip(f"the renderer process is not available ({exc})") from exc
-    raise Skip("sharing one renderer process between sessions is not available yet")
-    yield

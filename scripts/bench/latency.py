@@ -21,8 +21,7 @@ from typing import Any
 from worker.renderer_factory import RendererSpec, open_renderer
 
 from .common import BenchConfig, Progress, median, run_async
-from .harness import LocalAgent, ServerSession
-from .pacing import _settings
+from .harness import LocalAgent, ServerSession, avatar_settings
 from .trace import Consumer, speech_signal
 
 ROUNDS = 3
@@ -39,12 +38,12 @@ def lipsync_spec(config: BenchConfig) -> RendererSpec:
         device=config.device,
         in_process=config.in_process,
         max_batch=max(config.batches),
-        settings=_settings(config),
+        settings=avatar_settings(config),
     )
 
 
 async def _measure(config: BenchConfig, progress: Progress) -> dict[str, Any]:
-    settings = _settings(config)
+    settings = avatar_settings(config)
     pcm = speech_signal(SPEECH_S, config.sample_rate, config.seed)
     first, stop = [], []
     async with open_renderer(lipsync_spec(config)) as renderer:
@@ -59,7 +58,7 @@ async def _measure(config: BenchConfig, progress: Progress) -> dict[str, Any]:
             await asyncio.sleep(QUIET_S)
             for round_ in range(ROUNDS):
                 sent = time.monotonic()
-                await agent.speak(pcm, realtime=False)
+                await agent.speak(pcm, speed=0)
                 shown = await _wait_for(session.first_frame_time, consumer.trace, sent)
                 await asyncio.sleep(INTERRUPT_AFTER_S)
                 interrupted = time.monotonic()

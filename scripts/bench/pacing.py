@@ -1,10 +1,12 @@
 """Sections ``pacing`` and ``jitter_sweep``: one session with a jittery renderer.
 
-``pacing`` runs the same speech, streamed in real time like live TTS, through
-this design (renderer process + media-clock synchronizer) and through the
-reference design (renderer inline + relative sleeps, :mod:`.reference`), with
-the same seeded :class:`~.jittery.JitteryRenderer`, and compares what a
-listener receives (:mod:`.trace`).
+``pacing`` runs the same speech through this design (renderer process +
+media-clock synchronizer) and through the reference design (renderer inline +
+relative sleeps, :mod:`.reference`), with the same seeded
+:class:`~.jittery.JitteryRenderer`, and compares what a listener receives
+(:mod:`.trace`).  The agent streams the speech ``tts_speed`` times faster
+than real time (default 1: live TTS at real time, the hardest case, where
+the jitter buffer is the only slack the renderer has).
 
 ``jitter_sweep`` repeats this design's run for several jitter buffer depths
 (``AvatarServer(jitter_frames=N)``): deeper buffers absorb longer render
@@ -15,24 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.types import AvatarSettings
-
 from .common import BenchConfig, Progress, run_async
-from .harness import LocalAgent, ServerSession, open_avatar_renderer, run_speech
+from .harness import LocalAgent, ServerSession, avatar_settings, open_avatar_renderer, run_speech
 from .jittery import JitteryRenderer
 from .reference import ReferenceSession
 from .trace import PacingMetrics, Trace, analyse, speech_signal
 
 JITTERY_FACTORY = "scripts.bench.jittery:build"
-
-
-def _settings(config: BenchConfig) -> AvatarSettings:
-    return AvatarSettings(
-        video_width=config.width,
-        video_height=config.height,
-        video_fps=config.fps,
-        audio_sample_rate=config.sample_rate,
-    )
 
 
 def _renderer_kwargs(config: BenchConfig) -> dict[str, Any]:
@@ -63,12 +54,13 @@ def _entry(design: str, config: BenchConfig, m: PacingMetrics, first_ms: float |
         "gap_ms": round(m.gap_ms, 1),
         "first_frame_ms": first_ms,
         "speech_s": round(m.speech_s, 2),
+        "tts_speed": config.tts_speed,
     }
 
 
 async def run_this(config: BenchConfig, jitter_frames: int) -> tuple[dict, Trace]:
     """This design once: renderer process, synchronizer with ``jitter_frames``."""
-    settings = _settings(config)
+    settings = avatar_settings(config)
     pcm = speech_signal(config.duration, config.sample_rate, config.seed)
     kwargs = _renderer_kwargs(config)
     async with open_avatar_renderer(
@@ -77,7 +69,7 @@ async def run_this(config: BenchConfig, jitter_frames: int) -> tuple[dict, Trace
         agent = LocalAgent(config.sample_rate)
         session = ServerSession(agent, renderer, settings, jitter_frames)
         try:
-            trace = await run_speech(session, agent, pcm, fps=config.fps, realtime=True)
+            trace = await run_speech(session, agent, pcm, fps=config.fps, speed=config.tts_speed)
         finally:
             await session.aclose()
             await agent.aclose()
@@ -102,7 +94,7 @@ async def run_reference(config: BenchConfig) -> tuple[dict, Trace]:
     agent = LocalAgent(config.sample_rate)
     session = ReferenceSession(agent.audio_in, renderer, config.fps)
     try:
-        trace = await run_speech(session, agent, pcm, fps=config.fps, realtime=True)
+        trace = await run_speech(session, agent, pcm, fps=config.fps, speed=config.tts_speed)
     finally:
         await session.aclose()
         await agent.aclose()

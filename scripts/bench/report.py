@@ -42,7 +42,7 @@ def _env(env: dict) -> str:
     gpu_text = f"{gpu['name']} ({gpu['memory_gib']} GiB)" if gpu else "none"
     return "\n".join(
         [
-            f"cpu      {env['cpu']} ({env['cpu_count']} usable)",
+            f"cpu      {env['cpu']} ({env['cpu_count']} usable, load {env.get('load_avg')})",
             f"gpu      {gpu_text}",
             f"python   {env['python']}   torch {env['torch']}   av {env['av']}   "
             f"numpy {env['numpy']}",
@@ -104,8 +104,10 @@ def _pacing(rows: list[dict]) -> str:
         ],
     )
     depth = next((r.get("jitter_frames") for r in rows if r["design"] == "this"), None)
+    speed = rows[0].get("tts_speed") if rows else None
+    feed = "all at once" if not speed else f"at {speed:g}x real time"
     return (
-        f"target {target:g} fps, jittery renderer, speech streamed in real time, "
+        f"target {target:g} fps, jittery renderer, speech streamed {feed}, "
         f"jitter_frames={depth}\n{text}\ntargets (this design): p99 |dev| <= "
         f"{PACING_P99_TARGET_MS:g} ms, 0 audio gaps, 0 stalls"
     )

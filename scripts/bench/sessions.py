@@ -1,43 +1,49 @@
 """Section ``sessions``: how many sessions one renderer process keeps at the target fps.
 
 A trial runs ``n`` sessions at once against one renderer process with the
-chosen model (so inference is batched across sessions, earliest deadline
-first).  Every session streams ``duration`` seconds of speech in real time,
-starting a fraction of a frame after the previous one, and a listener pulls
-its tracks.  A trial holds when every session's listener saw the target fps
-with no stall and no audio gap (:func:`~.trace.analyse`) and no synchronizer
-stall.
+chosen model, so inference is batched across sessions (earliest deadline
+first).  As in a deployment, the sessions do not run in the renderer's
+process: they are spread over a few *session host* processes (about one per
+two CPUs), each running its share in its own event loop::
+
+    this process: Supervisor ──▶ renderer process (model, batching)
+        │ creates and attaches one ring pair per session
+        ▼ (rings inherited at spawn)
+    session host 1 .. W: ShmRenderer -> AvatarServer -> tracks -> listener
+
+Every session's agent streams ``duration`` seconds of speech (``TTS_SPEED``
+times real time), starting a fraction of a frame after the previous one.  A
+trial holds when every listener saw the target fps with no stall and no
+audio gap (:func:`~.trace.analyse`) and no synchronizer stall.
 
 Search: 1, 2, 4, ... sessions until a trial fails (or the limit), then
-bisection between the last count that held and the first that failed.  The
-sessions share this process's event loop, as several rooms would share a
-session host; on a many-core machine with a fast GPU the network side of the
-benchmark itself may become the limit before the renderer does (the figure
-is then a lower bound; ``trials`` shows where it failed).
+bisection between the last count that held and the first that failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.types import AvatarRenderer
+import numpy as np
 
-from .common import BenchConfig, Progress, resolve_device, run_async
-from .harness import LocalAgent, ServerSession
+from .common import BenchConfig, Progress, Skip, resolve_device, run_async
+from .env import usable_cpus
+from .harness import LocalAgent, ServerSession, avatar_settings
 from .latency import lipsync_spec
-from .pacing import _settings
 from .trace import Consumer, analyse, speech_signal
 
 FPS_TOLERANCE = 0.98  # a listener must see at least this share of the target fps
-LEAD_IN_S = 0.5
-
-OpenRenderer = Callable[[], AbstractAsyncContextManager[AvatarRenderer]]
+# Agents stream TTS this much faster than real time here, as streaming TTS services do.  At
+# exactly real time a segment's last frames wait for its end marker (see the pacing section),
+# which no renderer capacity can help; capacity is what this section measures.
+TTS_SPEED = 1.5
+START_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -52,70 +58,173 @@ class Trial:
     sync_stalls: int
 
 
-async def _run_trial(config: BenchConfig, n: int, open_one: OpenRenderer) -> Trial:
-    settings = _settings(config)
+# -- a session host process ------------------------------------------------------------------
+
+
+def host_sessions(rings: list[Any], offsets: list[float], config: BenchConfig, conn) -> None:
+    """Entry point of a session host: run one session per ring pair, report each one."""
+    try:
+        conn.send(("done", run_async(_host(rings, offsets, config, conn))))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+async def _host(rings: list[Any], offsets: list[float], config: BenchConfig, conn) -> list[dict]:
+    from worker.shm_renderer import ShmRenderer
+
+    settings = avatar_settings(config)
     pcm = speech_signal(config.duration, config.sample_rate, config.seed)
     async with contextlib.AsyncExitStack() as stack:
         sessions, consumers, agents = [], [], []
-        for _ in range(n):
-            renderer = await stack.enter_async_context(open_one())
+        for pair in rings:
+            renderer = ShmRenderer.from_rings(pair, settings=settings)
+            stack.push_async_callback(renderer.aclose)
+            await renderer.wait_ready(START_TIMEOUT_S)
             agent = LocalAgent(config.sample_rate)
             session = ServerSession(agent, renderer, settings, config.jitter_frames)
-            stack.push_async_callback(agent.aclose)
-            stack.push_async_callback(session.aclose)
             consumer = Consumer(
                 session.audio_track, session.video_track, config.fps, agent.sample_rate
             )
+            stack.push_async_callback(agent.aclose)
+            stack.push_async_callback(session.aclose)
             stack.push_async_callback(consumer.stop)
+            await session.start()
+            consumer.start()
             sessions.append(session)
             consumers.append(consumer)
             agents.append(agent)
-        for session, consumer in zip(sessions, consumers, strict=True):
-            await session.start()
-            consumer.start()
-        await asyncio.sleep(LEAD_IN_S)
-        stagger = 1.0 / config.fps / n
+        conn.send(("ready", None))
+        go = await asyncio.to_thread(conn.recv)
         speaking = [
-            asyncio.create_task(_speak_later(agent, pcm, i * stagger))
-            for i, agent in enumerate(agents)
+            asyncio.create_task(_speak_at(agent, pcm, go + offset))
+            for agent, offset in zip(agents, offsets, strict=True)
         ]
-        deadline = time.monotonic() + 20.0 + 3.0 * config.duration
+        deadline = go + 20.0 + 3.0 * config.duration
         while not all(s.played() for s in sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.gather(*speaking)
-        metrics = [analyse(c.trace) for c in consumers]
-    played = all(s.played() for s in sessions)
+        results = []
+        for session, consumer in zip(sessions, consumers, strict=True):
+            m = analyse(consumer.trace)
+            results.append(
+                {
+                    "played": session.played(),
+                    "fps": m.fps,
+                    "stalls": m.stalls,
+                    "audio_gaps": m.audio_gaps,
+                    "frames_held": session.stats.frames_held,
+                    "frames_dropped": session.stats.frames_dropped,
+                    "sync_stalls": session.stats.stalls,
+                }
+            )
+    return results
+
+
+async def _speak_at(agent: LocalAgent, pcm: np.ndarray, when: float) -> None:
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
+    await agent.speak(pcm, speed=TTS_SPEED)
+
+
+# -- one trial, from the supervisor's side ------------------------------------------------------
+
+
+def run_trial(config: BenchConfig, supervisor: Any, n: int) -> Trial:
+    """``n`` sessions at once on ``supervisor``'s renderer process."""
+    from renderers.control import SessionRings
+
+    info = supervisor.info
+    workers = min(n, max(1, usable_cpus() // 2))
+    stagger = 1.0 / config.fps / n
+    ctx = multiprocessing.get_context("spawn")
+    rings, ids, procs, conns = [], [], [], []
+    try:
+        for _ in range(n):
+            rings.append(
+                SessionRings.create(
+                    width=info.width, height=info.height, fps=info.fps, sample_rate=info.sample_rate
+                )
+            )
+            ids.append(supervisor.attach(rings[-1]))
+        for w in range(workers):
+            mine = list(range(w, n, workers))
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=host_sessions,
+                args=([rings[k] for k in mine], [k * stagger for k in mine], config, child),
+                name="bench-session-host",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        for conn in conns:
+            _expect(conn, "ready", START_TIMEOUT_S)
+        go = time.monotonic() + 0.5
+        for conn in conns:
+            conn.send(go)
+        per_session = []
+        for conn in conns:
+            per_session += _expect(conn, "done", 30.0 + 3.0 * config.duration)
+    finally:
+        for proc in procs:
+            proc.join(10.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in conns:
+            conn.close()
+        for session_id in ids:
+            supervisor.detach(session_id)
+        for pair in rings:
+            pair.close()
+    return _judge(config, n, per_session)
+
+
+def _expect(conn, kind: str, timeout: float) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"a session host sent no {kind!r} within {timeout:.0f} s")
+    got, payload = conn.recv()
+    if got == "error":
+        raise RuntimeError(f"a session host failed:\n{payload}")
+    return payload
+
+
+def _judge(config: BenchConfig, n: int, per_session: list[dict]) -> Trial:
     trial = Trial(
         sessions=n,
         ok=False,
-        min_fps=round(min(m.fps for m in metrics), 2),
-        stalls=sum(m.stalls for m in metrics),
-        audio_gaps=sum(m.audio_gaps for m in metrics),
-        frames_held=sum(s.stats.frames_held for s in sessions),
-        frames_dropped=sum(s.stats.frames_dropped for s in sessions),
-        sync_stalls=sum(s.stats.stalls for s in sessions),
+        min_fps=round(min(s["fps"] for s in per_session), 2),
+        **{
+            key: sum(s[key] for s in per_session)
+            for key in (
+                "stalls",
+                "audio_gaps",
+                "frames_held",
+                "frames_dropped",
+                "sync_stalls",
+            )
+        },
     )
     trial.ok = (
-        played
+        all(s["played"] for s in per_session)
         and trial.min_fps >= FPS_TOLERANCE * config.fps
         and trial.stalls == trial.audio_gaps == trial.sync_stalls == 0
     )
     return trial
 
 
-async def _speak_later(agent: LocalAgent, pcm, delay: float) -> None:
-    await asyncio.sleep(delay)
-    await agent.speak(pcm, realtime=True)
+# -- the search ---------------------------------------------------------------------------------
 
 
-async def search(
-    limit: int, trial: Callable[[int], Any], progress: Progress
-) -> tuple[int, list[Trial]]:
-    """The largest count in 1..limit for which ``await trial(n)`` holds."""
+def search(limit: int, trial, progress: Progress) -> tuple[int, list[Trial]]:
+    """The largest count in 1..limit for which ``trial(n).ok``, and every trial run."""
     trials: list[Trial] = []
 
-    async def attempt(n: int) -> bool:
-        result = await trial(n)
+    def attempt(n: int) -> bool:
+        result = trial(n)
         trials.append(result)
         progress(
             "sessions",
@@ -126,7 +235,7 @@ async def search(
 
     held, failed, n = 0, None, 1
     while n <= limit:
-        if not await attempt(n):
+        if not attempt(n):
             failed = n
             break
         held = n
@@ -134,51 +243,25 @@ async def search(
     if failed is not None:
         while failed - held > 1:
             mid = (held + failed) // 2
-            if await attempt(mid):
+            if attempt(mid):
                 held = mid
             else:
                 failed = mid
     return held, sorted(trials, key=lambda t: t.sessions)
 
 
-@contextlib.asynccontextmanager
-async def shared_renderer(config: BenchConfig) -> AsyncIterator[OpenRenderer]:
-    """One frame renderer for every session of a trial; yields ``open_one()``."""
-    spec = lipsync_spec(config)
-    if config.in_process:
-        from worker.inprocess_renderer import InProcessRenderer
-        from worker.renderer_factory import load_factory
-
-        frame_renderer = load_factory(spec.factory)(**spec.kwargs())
-
-        @contextlib.asynccontextmanager
-        async def open_in_process() -> AsyncIterator[AvatarRenderer]:
-            renderer = InProcessRenderer(frame_renderer)
-            try:
-                yield renderer
-            finally:
-                await renderer.aclose()
-
-        try:
-            yield open_in_process
-        finally:
-            frame_renderer.close()
-        return
-    from .harness import shared_renderer_process
-
-    async with shared_renderer_process(spec.factory, spec.kwargs(), spec.settings) as open_one:
-        yield open_one
-
-
 def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> dict[str, Any]:
+    if config.in_process:
+        raise Skip("it measures the renderer process, which --in-process leaves out")
+    try:
+        from renderers.supervisor import Supervisor
+    except ImportError as exc:
+        raise Skip(f"the renderer process is not available ({exc})") from exc
     limit = config.sessions or config.max_sessions
     progress("sessions", f"up to {limit} sessions, {config.duration:g} s of speech each")
-
-    async def measure() -> tuple[int, list[Trial]]:
-        async with shared_renderer(config) as open_one:
-            return await search(limit, lambda n: _run_trial(config, n, open_one), progress)
-
-    best, trials = run_async(measure())
+    spec = lipsync_spec(config)
+    with Supervisor(spec.factory, spec.kwargs()) as supervisor:
+        best, trials = search(limit, lambda n: run_trial(config, supervisor, n), progress)
     chosen = artifacts.get("backend")
     return {
         "target_fps": config.fps,
@@ -188,5 +271,6 @@ def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> d
         "backend": chosen["name"] if chosen else config.backend,
         "jitter_frames": config.jitter_frames,
         "duration_s": config.duration,
+        "tts_speed": TTS_SPEED,
         "trials": [asdict(t) for t in trials],
     }

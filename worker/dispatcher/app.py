@@ -38,7 +38,7 @@ import msgspec
 from aiohttp import web
 
 from ..renderer_factory import RendererSpec
-from .auth import AuthError, Authenticator
+from .auth import Authenticator, AuthError
 from .config import ConfigError, DispatcherConfig, load_config
 from .messages import JoinSpec
 from .metrics import CONTENT_TYPE, Metrics
@@ -322,7 +322,9 @@ class RunningServer:
     ) -> RunningServer:
         dispatcher = Dispatcher(config, host)
         await dispatcher.start()
-        runner = web.AppRunner(dispatcher.app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            dispatcher.app, handle_signals=False, access_log=None, shutdown_timeout=5.0
+        )
         await runner.setup()
         sock = bind_socket(config.host, config.port)
         try:

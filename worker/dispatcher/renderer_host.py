@@ -153,7 +153,10 @@ class ShmHost(RendererHost):
 
         s = self.spec.settings
         rings = SessionRings.create(
-            width=s.video_width, height=s.video_height, fps=s.video_fps, sample_rate=s.audio_sample_rate
+            width=s.video_width,
+            height=s.video_height,
+            fps=s.video_fps,
+            sample_rate=s.audio_sample_rate,
         )
         fds = rings.fds()
 

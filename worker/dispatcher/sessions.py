@@ -29,9 +29,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from .config import DispatcherConfig
@@ -100,6 +100,8 @@ class SessionProcess:
                 "worker.session",
                 "--control-fd",
                 str(child.fileno()),
+                "--parent-pid",
+                str(os.getpid()),
                 pass_fds=[child.fileno(), *resources.fds],
                 start_new_session=True,  # Ctrl-C reaches the dispatcher, which stops sessions
                 stdin=asyncio.subprocess.DEVNULL,
@@ -296,7 +298,10 @@ class SessionManager:
     # -- joins ----------------------------------------------------------------------------
 
     def launch(self, join: JoinSpec) -> Session:
-        """Reserve a slot and start the session in the background; raises :class:`SessionRefused`."""
+        """Reserve a slot and start the session in the background.
+
+        Raises :class:`SessionRefused` (capacity, duplicate room, renderer down, shutdown).
+        """
         c = self.config
         if self.closing:
             raise SessionRefused("the server is shutting down", 503, c.retry_after)
