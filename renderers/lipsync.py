@@ -35,7 +35,7 @@ from models.audio_features import MelStream
 from models.contract import make_target
 
 from .avatar import Avatar, default_avatar, load_avatar
-from .backends import DEFAULT_MAX_BATCH, Backend, select_backend
+from .backends import DEFAULT_MAX_BATCH, Backend, select_backend, torch_cuda
 from .base import FrameRenderer, RenderJob, RenderStream
 from .compose import FrameComposer, TorchFrameComposer
 from .framing import FrameSpan
@@ -97,9 +97,11 @@ class LipSyncRenderer(FrameRenderer):
         composer: str = "auto",
         **backend_options: Any,
     ) -> None:
-        """``composer``: "auto" (torch where the model runs on a GPU, else numpy), "numpy", "torch".
+        """Load the avatar and the model (see :func:`~renderers.backends.select_backend`).
 
-        ``backend_options`` go to the engine (``threads``; ``fp16``, ``compile`` for torch).
+        ``composer`` is "auto" (torch when the model runs on a CUDA GPU that torch
+        can use, else numpy), "numpy" or "torch"; ``backend_options`` go to the
+        engine (``threads``; ``fp16`` and ``compile`` for torch).
         """
         if composer not in ("auto", "numpy", "torch"):
             raise ValueError(f"composer must be 'auto', 'numpy' or 'torch', got {composer!r}")
@@ -193,7 +195,10 @@ class LipSyncRenderer(FrameRenderer):
         return frames
 
     def _torch_composes(self, backend: Backend) -> bool:
-        return self.composer == "torch" or (self.composer == "auto" and backend.on_gpu)
+        if self.composer != "auto":
+            return self.composer == "torch"
+        # onnxruntime-gpu may sit beside a CPU build of torch: then compose on the CPU.
+        return backend.on_gpu and torch_cuda()
 
     def _tensor_composer(self, device: str) -> TorchFrameComposer:
         composer = self._torch_composer

@@ -396,7 +396,7 @@ def avatar_from_video(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="portrait image (png, jpg, ...) or short video (mp4, ...)")
-    parser.add_argument("out_dir", help="avatar directory to write")
+    parser.add_argument("--out", dest="out_dir", required=True, help="avatar directory to write")
     parser.add_argument("--fps", type=float, default=25.0, help="frame rate (default 25)")
     parser.add_argument(
         "--size", nargs=2, type=int, metavar=("W", "H"), help="output size (default: the input's)"

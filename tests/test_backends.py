@@ -261,6 +261,14 @@ def test_the_torch_backend_does_not_run_onnx_files(tmp_path):
     assert select_backend(path, "auto").name.startswith("onnxruntime")
 
 
+def test_engine_options_go_to_the_engine_that_runs():
+    backend = select_backend("builtin", "auto", "cpu", fp16=True, threads=1)  # onnx: no fp16
+    assert backend.name == "onnxruntime-cpu"
+    assert select_backend("builtin", "torch", "cpu", fp16=True).name == "torch-cpu"  # CUDA only
+    with pytest.raises(TypeError, match="precision"):
+        select_backend("builtin", precision="int8")
+
+
 def test_unknown_spec_or_options_are_explained(tmp_path):
     with pytest.raises(WeightsError, match="no model file"):
         select_backend(tmp_path / "missing.onnx")

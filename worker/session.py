@@ -101,6 +101,7 @@ class LiveSession:
         self._stop_reason = "stopped"
         self._last_activity = time.monotonic()
         self._offsets: list[float] = []
+        self._fps_mark = (time.monotonic(), 0)  # (time, video ticks) of the last Stats
         self.audio_in: AvatarAudioIn | None = None
         self.server: AvatarServer | None = None
         self.started_at = time.monotonic()
@@ -167,6 +168,7 @@ class LiveSession:
         self.audio_in.set_meeting(meeting)
         meeting.add_event_listener(_ActivityListener(self._on_activity))
         await self.server.start()
+        self._fps_mark = (time.monotonic(), 0)
         self._report(Joined(time.monotonic() - self.started_at))
         logger.info("joined room as %s", opts.participant_id)
         return None
@@ -249,7 +251,7 @@ class LiveSession:
         now = time.monotonic()
         sync = self.server.av_sync
         s = sync.stats
-        last_time, last_ticks = getattr(self, "_fps_mark", (self.started_at, 0))
+        last_time, last_ticks = self._fps_mark
         fps = (s.video_ticks - last_ticks) / (now - last_time) if now > last_time else 0.0
         self._fps_mark = (now, s.video_ticks)
         offsets, self._offsets = self._offsets, []

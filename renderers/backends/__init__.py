@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 OWN_NETWORKS = (weights.BUILTIN, weights.REFERENCE)
 DEFAULT_MAX_BATCH = 8
+ENGINE_OPTIONS = {"onnx": ("threads",), "torch": ("threads", "fp16", "compile")}
 _SOURCE_SHAPE = tuple(contract.SOURCE.shape[1:])
 _TARGET_SHAPE = tuple(contract.TARGET.shape[1:])
 _OUTPUT_SHAPE = tuple(contract.OUTPUT.shape[1:])
@@ -157,8 +158,13 @@ def select_backend(
             f"the torch backend runs only the built-in networks ('builtin', 'reference'); "
             f"{spec} is an ONNX file, which runs on the onnx backend (backend 'onnx' or 'auto')"
         )
+    unknown = set(options) - set(ENGINE_OPTIONS["torch"]) - set(ENGINE_OPTIONS["onnx"])
+    if unknown:
+        raise TypeError(f"unknown backend option(s) {sorted(unknown)}")
     engine, dev, reason = _decide(own, backend, device)
     logger.info("model %s: %s on %s (%s)", spec, engine, dev, reason)
+    # Options of the other engine (e.g. fp16 when onnxruntime was chosen) do not apply.
+    options = {k: v for k, v in options.items() if k in ENGINE_OPTIONS[engine]}
     if engine == "torch":
         from .torch_backend import TorchBackend
 

@@ -24,7 +24,7 @@ from .common import BenchConfig, Progress, median, run_async
 from .harness import LocalAgent, ServerSession, avatar_settings
 from .trace import Consumer, speech_signal
 
-ROUNDS = 3
+ROUNDS = 5
 SPEECH_S = 2.5
 INTERRUPT_AFTER_S = 1.0
 QUIET_S = 0.5  # > the receiver's interrupt_quiet: the next segment is not taken for stragglers

@@ -129,9 +129,15 @@ def _sweep(rows: list[dict]) -> str:
 
 
 def _sessions(s: dict) -> str:
+    limit = s.get("search_limit")
+    capped = (
+        " (the search limit: raise --sessions to look further)"
+        if s["max_sessions"] == limit
+        else ""
+    )
     lines = [
-        f"max sessions holding {s['target_fps']:g} fps with 0 stalls: {s['max_sessions']} "
-        f"(device {s['device']}, weights {s['weights']})"
+        f"max sessions holding {s['target_fps']:g} fps with 0 stalls: {s['max_sessions']}{capped} "
+        f"(device {s['device']}, weights {s['weights']}, jitter_frames {s.get('jitter_frames')})"
     ]
     trials = s.get("trials") or []
     if trials:

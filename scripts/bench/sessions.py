@@ -269,6 +269,7 @@ def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> d
         "device": chosen["device"] if chosen else resolve_device(config.device),
         "weights": config.weights,
         "backend": chosen["name"] if chosen else config.backend,
+        "search_limit": limit,
         "jitter_frames": config.jitter_frames,
         "duration_s": config.duration,
         "tts_speed": TTS_SPEED,
