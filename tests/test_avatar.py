@@ -145,11 +145,12 @@ def test_a_large_input_is_shrunk_by_default(tmp_path):
 
 
 def test_prepare_command_line(portrait_png, tmp_path, capsys):
-    assert main([str(portrait_png), "--out", str(tmp_path / "cli"), "--idle-seconds", "1", "-q"]) == 0
+    out = str(tmp_path / "cli")
+    assert main([str(portrait_png), "--out", out, "--idle-seconds", "1", "-q"]) == 0
     assert "25 frames" in capsys.readouterr().out
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((300, 300, 3), 200, np.uint8))
-    assert main([str(blank), str(tmp_path / "none"), "-q"]) == 2
+    assert main([str(blank), "--out", str(tmp_path / "none"), "-q"]) == 2
     assert "no face found" in capsys.readouterr().err
 
 
