@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 from scripts.bench.jittery import JitteryRenderer  # noqa: E402
 from scripts.bench.report import summary  # noqa: E402
+from scripts.bench.sessions import Trial, search  # noqa: E402
 from scripts.bench.trace import Trace, analyse, speech_signal, zero_runs  # noqa: E402
 
 FPS, SR = 25, 24_000
@@ -91,6 +92,21 @@ def test_jittery_renderer_is_seeded_and_under_budget() -> None:
     assert a.mean_ms < 1000 / FPS
     with pytest.raises(ValueError):
         JitteryRenderer(64, 64, low_ms=30, high_ms=10)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "limit", "held", "failed"),
+    [(17, 64, 16, 18), (1, 64, 1, 2), (0, 64, 0, 1), (64, 64, 64, None), (5, 6, 5, 6)],
+)
+def test_session_search_brackets_the_capacity(capacity, limit, held, failed) -> None:
+    tried = []
+
+    def trial(n: int) -> Trial:
+        tried.append(n)
+        return Trial(n, n <= capacity, 25.0, 0, 0, 0, 0, 0)
+
+    assert search(limit, trial, lambda *_: None)[:2] == (held, failed)
+    assert max(tried) <= limit and len(tried) == len(set(tried))
 
 
 def test_summary_reports_skipped_sections() -> None:

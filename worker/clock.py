@@ -9,7 +9,9 @@ frame whose audio is being played at that position.  Audio and video read the
 same counter, so they cannot drift apart whatever the inference jitter.
 
 ``speed`` > 1 runs the whole session faster than real time (offline renders
-and tests); every deadline scales, nothing else changes.
+and tests); every deadline scales, nothing else changes.  An offline render
+may also :meth:`pause` the clock while it waits for a slow renderer; both
+tracks then wait, so they stay aligned.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class MediaClock:
         self.speed = speed
         self._time = time_fn
         self.t0: float | None = None
+        self._paused_at: float | None = None
+        self._resumed = asyncio.Event()
 
     @property
     def started(self) -> bool:
@@ -52,9 +56,32 @@ class MediaClock:
     def position(self) -> int:
         """Samples due by now."""
         self.start()
-        return int((self._time() - self.t0) * self.sample_rate * self.speed)
+        now = self._time() if self._paused_at is None else self._paused_at
+        return int((now - self.t0) * self.sample_rate * self.speed)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def pause(self) -> None:
+        """Stop the clock (offline renders waiting for a slow renderer)."""
+        self.start()
+        if self._paused_at is None:
+            self._paused_at = self._time()
+            self._resumed.clear()
+
+    def resume(self) -> None:
+        """Restart the clock; every position becomes due later by the pause."""
+        if self._paused_at is not None:
+            self.t0 += self._time() - self._paused_at
+            self._paused_at = None
+            self._resumed.set()
 
     async def sleep_until(self, position: int | Fraction) -> None:
-        delay = self.time_of(position) - self._time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        while True:
+            if self._paused_at is not None:
+                await self._resumed.wait()
+            delay = self.time_of(position) - self._time()
+            if delay <= 0:
+                return
+            await asyncio.sleep(delay)  # re-checked: the clock may pause meanwhile

@@ -5,7 +5,9 @@ file through a :class:`~worker.local_room.LocalRoom` to ``AvatarAudioIn`` ->
 ``AvatarServer`` -> renderer -> synchronizer -> tracks.  A recorder pulls the
 tracks the way a WebRTC sender does and keeps what the room would receive
 from the first speech sample to the end of the segment, so the file lasts as
-long as the input (within one video frame).
+long as the input (within one video frame).  Unlike a live session, a render
+waits for a renderer slower than real time instead of stalling, so a large
+model on a small CPU still gives a complete, gap-free file (it just takes longer).
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ async def render(
         options=settings,
         jitter_frames=jitter_frames,
         clock=clock,
+        wait_for_renderer=True,
     )
     writer = Mp4Writer(
         out,

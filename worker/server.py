@@ -42,6 +42,7 @@ class AvatarServer:
         options: AvatarSettings,
         jitter_frames: int = 3,
         clock: MediaClock | None = None,
+        wait_for_renderer: bool = False,
     ) -> None:
         self._meeting = meeting
         self._audio_recv = audio_recv
@@ -60,6 +61,7 @@ class AvatarServer:
             options.video_fps,
             jitter_frames=jitter_frames,
             clock=self.clock,
+            wait_for_renderer=wait_for_renderer,
         )
         self._av_sync.on_segment_played = self._on_segment_played
         self._reading_segment = False  # audio read since the last segment end

@@ -20,6 +20,11 @@ Segment state machine (per segment)::
     any --flush() (interrupt)--> IDLE             (queue and history cleared)
 
 ``N`` is the jitter buffer depth (``jitter_frames``).
+
+Offline renders (``wait_for_renderer=True``) never stall: when the queue
+cannot fill the next audio frame mid-segment, the voice track waits for the
+renderer and the clock's origin moves by the time waited, so audio and video
+shift together (:meth:`until_playable`).  A live session cannot wait; it stalls.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class AvatarSynchronizer:
         jitter_frames: int = 3,
         max_queued_frames: int = 25,
         clock: MediaClock | None = None,
+        wait_for_renderer: bool = False,
     ) -> None:
         self._audio_track = audio_track
         self._video_track = video_track
@@ -102,6 +108,8 @@ class AvatarSynchronizer:
         self._idle: list[VideoFrame] = []
         self._epoch = 0
         self._space = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self.wait_for_renderer = wait_for_renderer
         self._resampler: AudioResampler | None = None
         self._pulled_until = 0  # clock position up to which audio has been taken
 
@@ -133,11 +141,13 @@ class AvatarSynchronizer:
         if isinstance(frame, AudioSegmentEnd):
             self._units.append(_Unit(None, np.zeros(0, np.int16), segment_end=True))
             self._ends_queued += 1
+            self._arrived.set()
             return
         if isinstance(frame, AudioFrame):
             self._units.append(_Unit(self._pending_video, self._pcm(frame)))
             self._queued_units += 1
             self._pending_video = None
+            self._arrived.set()
 
     def _pcm(self, frame: AudioFrame) -> np.ndarray:
         layout = "mono" if self.channels == 1 else "stereo"
@@ -165,6 +175,7 @@ class AvatarSynchronizer:
         self._history.append((self.clock.position() if self.clock.started else 0, None, [True]))
         self.stats.interrupts += 1
         self._space.set()
+        self._arrived.set()
         return played
 
     # -- consumer side (called by the tracks) --------------------------------------
@@ -206,6 +217,17 @@ class AvatarSynchronizer:
                 self._space.set()
         self._pulled_until = position + n
         return out
+
+    async def until_playable(self, n: int) -> None:
+        """Offline only: wait until the next ``n`` samples can play without a stall."""
+        if not self.wait_for_renderer:
+            return
+        while self._playing and not self._ends_queued:
+            queued = sum(len(u.pcm) // self.channels - u.offset for u in self._units)
+            if queued >= n:
+                return
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def _maybe_start(self) -> None:
         """Leave priming once the jitter buffer is full or the segment is complete."""

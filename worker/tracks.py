@@ -86,6 +86,12 @@ class AvatarVoiceTrack(CustomAudioTrack):
             self.clock = MediaClock(self.sample_rate)
         position = self._position
         await self.clock.sleep_until(position)
+        if getattr(self._source, "wait_for_renderer", False):
+            self.clock.pause()  # the visual track waits with us
+            try:
+                await self._source.until_playable(self.samples_per_frame)
+            finally:
+                self.clock.resume()
         if self.readyState != "live":
             raise MediaStreamError
         pcm = self._source.pull_audio(position, self.samples_per_frame)

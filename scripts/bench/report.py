@@ -129,15 +129,17 @@ def _sweep(rows: list[dict]) -> str:
 
 
 def _sessions(s: dict) -> str:
-    limit = s.get("search_limit")
-    capped = (
-        " (the search limit: raise --sessions to look further)"
-        if s["max_sessions"] == limit
-        else ""
-    )
+    best, failed = s["max_sessions"], s.get("first_failed")
+    if best == s.get("search_limit"):
+        note = " (the search limit: raise --sessions to look further)"
+    elif failed is not None and failed > best + 1:
+        note = f" (the limit lies between {best} and {failed - 1})"
+    else:
+        note = ""
     lines = [
-        f"max sessions holding {s['target_fps']:g} fps with 0 stalls: {s['max_sessions']}{capped} "
-        f"(device {s['device']}, weights {s['weights']}, jitter_frames {s.get('jitter_frames')})"
+        f"max sessions holding {s['target_fps']:g} fps with 0 stalls: {best}{note}",
+        f"device {s['device']}, weights {s['weights']}, jitter_frames {s.get('jitter_frames')}, "
+        f"agents streaming at {s.get('tts_speed')}x real time",
     ]
     trials = s.get("trials") or []
     if trials:

@@ -17,7 +17,9 @@ trial holds when every listener saw the target fps with no stall and no
 audio gap (:func:`~.trace.analyse`) and no synchronizer stall.
 
 Search: 1, 2, 4, ... sessions until a trial fails (or the limit), then
-bisection between the last count that held and the first that failed.
+bisection between the last count that held and the first that failed, down
+to 1/8 of the count that held (each trial costs ``duration`` seconds and
+more): ``max_sessions`` held, ``first_failed`` did not.
 """
 
 from __future__ import annotations
@@ -219,8 +221,8 @@ def _judge(config: BenchConfig, n: int, per_session: list[dict]) -> Trial:
 # -- the search ---------------------------------------------------------------------------------
 
 
-def search(limit: int, trial, progress: Progress) -> tuple[int, list[Trial]]:
-    """The largest count in 1..limit for which ``trial(n).ok``, and every trial run."""
+def search(limit: int, trial, progress: Progress) -> tuple[int, int | None, list[Trial]]:
+    """(a count that held, the smallest that failed or None, every trial run), to 1/8."""
     trials: list[Trial] = []
 
     def attempt(n: int) -> bool:
@@ -241,13 +243,13 @@ def search(limit: int, trial, progress: Progress) -> tuple[int, list[Trial]]:
         held = n
         n = limit if n < limit < 2 * n else 2 * n
     if failed is not None:
-        while failed - held > 1:
+        while failed - held > max(1, held // 8):
             mid = (held + failed) // 2
             if attempt(mid):
                 held = mid
             else:
                 failed = mid
-    return held, sorted(trials, key=lambda t: t.sessions)
+    return held, failed, sorted(trials, key=lambda t: t.sessions)
 
 
 def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> dict[str, Any]:
@@ -261,11 +263,12 @@ def run(config: BenchConfig, progress: Progress, artifacts: dict[str, Any]) -> d
     progress("sessions", f"up to {limit} sessions, {config.duration:g} s of speech each")
     spec = lipsync_spec(config)
     with Supervisor(spec.factory, spec.kwargs()) as supervisor:
-        best, trials = search(limit, lambda n: run_trial(config, supervisor, n), progress)
+        best, failed, trials = search(limit, lambda n: run_trial(config, supervisor, n), progress)
     chosen = artifacts.get("backend")
     return {
         "target_fps": config.fps,
         "max_sessions": best,
+        "first_failed": failed,
         "device": chosen["device"] if chosen else resolve_device(config.device),
         "weights": config.weights,
         "backend": chosen["name"] if chosen else config.backend,
