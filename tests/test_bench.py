@@ -103,10 +103,27 @@ def test_session_search_brackets_the_capacity(capacity, limit, held, failed) -> 
 
     def trial(n: int) -> Trial:
         tried.append(n)
-        return Trial(n, n <= capacity, 25.0, 0, 0, 0, 0, 0)
+        ok = n <= capacity
+        return Trial(n, ok, 25.0 if ok else 20.0, 0 if ok else 5, 0, 0, 0, 0)
 
     assert search(limit, trial, lambda *_: None)[:2] == (held, failed)
     assert max(tried) <= limit and len(tried) == len(set(tried))
+
+
+def test_session_search_retries_a_single_glitch_once() -> None:
+    outcomes = {1: [True], 2: [False, True], 4: [False, False]}  # 2: one glitch, then fine
+
+    def trial(n: int) -> Trial:
+        ok = outcomes[n].pop(0)
+        return (
+            Trial(n, ok, 25.0, 0 if ok else 1, 0, 0, 0, 0)
+            if n < 4
+            else Trial(n, ok, 20.0, 9, 9, 0, 0, 9)
+        )
+
+    held, failed, trials = search(4, trial, lambda *_: None)
+    assert (held, failed) == (2, 4)
+    assert [t.sessions for t in trials] == [1, 2, 2, 4]  # 4 failed badly: no retry
 
 
 def test_summary_reports_skipped_sections() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import wave
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import av
 import numpy as np
 import pytest
 
-from renderers.pattern import MARKER
+from renderers.pattern import MARKER, PatternRenderer
 from worker.cli import main
-from worker.render_job import RenderError, read_audio
+from worker.inprocess_renderer import InProcessRenderer
+from worker.render_job import RenderError, read_audio, render
+from worker.types import AvatarSettings
 
 SR = 24_000
 
@@ -106,3 +109,23 @@ def test_read_audio_resamples_to_24k(tmp_path: Path) -> None:
     assert abs(len(pcm) - SR) <= 64
     with pytest.raises(RenderError, match="not found"):
         read_audio(tmp_path / "missing.wav")
+
+
+class _SlowPattern(PatternRenderer):
+    """Slower than real time: 60 ms a frame against a 40 ms budget."""
+
+    def render(self, jobs):
+        time.sleep(0.06 * len(jobs))
+        return super().render(jobs)
+
+
+async def test_render_waits_for_a_slow_renderer_instead_of_stalling(tmp_path: Path) -> None:
+    audio = _clicks(1.2, [0.3, 0.9])
+    renderer = InProcessRenderer(_SlowPattern(64, 64, max_batch=1))
+    report = await render(
+        audio, tmp_path / "slow.mp4", renderer, settings=AvatarSettings(64, 64), speed=2
+    )
+    assert report.stalls == 0
+    assert report.output_seconds == pytest.approx(1.2, abs=1 / 25)
+    assert report.video_frames == pytest.approx(30, abs=1)
+    assert report.ack == (pytest.approx(1.2), False)
