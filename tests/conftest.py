@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -429,3 +430,13 @@ async def make_session() -> AsyncIterator[Callable[..., Awaitable[SessionHarness
 async def session(make_session) -> SessionHarness:
     """A started session with default settings (clock speed 4, instant room)."""
     return await make_session()
+
+
+def shm_entries() -> set[str]:
+    """Entries of /dev/shm, less POSIX semaphores (``sem.*``).
+
+    Our rings live in anonymous memfd memory and never appear there; named
+    segments would.  Semaphores are left out because any concurrent Python
+    process using multiprocessing creates them, which is not our leak.
+    """
+    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}

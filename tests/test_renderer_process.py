@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shm_entries
 
 from renderers.base import FrameRenderer, RenderJob, RenderStream, i420_shape
 from renderers.control import SessionRings
@@ -136,7 +137,7 @@ def no_leaks():
     """Each test leaves no process, descriptor or /dev/shm entry behind."""
     resource_tracker.ensure_running()  # started once per interpreter by multiprocessing
     gc.collect()
-    fds, shm, children = len(os.listdir("/proc/self/fd")), set(os.listdir("/dev/shm")), _children()
+    fds, shm, children = len(os.listdir("/proc/self/fd")), shm_entries(), _children()
     yield
     gc.collect()
     deadline = time.monotonic() + 5
@@ -144,7 +145,7 @@ def no_leaks():
         time.sleep(0.05)
     assert _children() - children == set()
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert set(os.listdir("/dev/shm")) == shm
+    assert shm_entries() == shm
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from multiprocessing import resource_tracker
 
 import numpy as np
 import pytest
+from conftest import shm_entries
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -261,7 +262,7 @@ def _producer(rings: SessionRings) -> None:
 def test_two_processes_move_audio_and_frames() -> None:
     resource_tracker.ensure_running()
     fds_before = _fd_count()
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     rings = SessionRings.create(width=W, height=H, fps=25, sample_rate=SR, slots=3)
     rings.audio.close()  # replace with a tiny ring so the child wraps and waits
     rings.audio = AudioRing.create(SR, capacity=1024)
@@ -301,4 +302,4 @@ def test_two_processes_move_audio_and_frames() -> None:
     rings.close()
     gc.collect()
     assert _fd_count() == fds_before
-    assert set(os.listdir("/dev/shm")) == shm_before
+    assert shm_entries() == shm_before

@@ -13,6 +13,7 @@ from multiprocessing import resource_tracker
 import numpy as np
 import pytest
 from av import AudioFrame, VideoFrame
+from conftest import shm_entries
 
 from renderers.control import SessionRings
 from renderers.pattern import PatternRenderer
@@ -40,12 +41,12 @@ def _children() -> set[int]:
 def no_leaks():
     resource_tracker.ensure_running()
     gc.collect()
-    fds, shm, children = len(os.listdir("/proc/self/fd")), set(os.listdir("/dev/shm")), _children()
+    fds, shm, children = len(os.listdir("/proc/self/fd")), shm_entries(), _children()
     yield
     gc.collect()
     assert _children() - children == set()
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert set(os.listdir("/dev/shm")) == shm
+    assert shm_entries() == shm
 
 
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
@@ -208,3 +209,26 @@ async def test_settings_that_do_not_match_the_renderer() -> None:
             ShmRenderer(rings, settings=AvatarSettings(video_width=128, video_height=64))
     finally:
         rings.close()
+
+
+async def test_a_slow_consumer_keeps_memory_bounded(no_leaks) -> None:
+    """A long burst must not be copied out of the ring faster than it is consumed."""
+    renderer = await ShmRenderer.open(FACTORY, KWARGS, settings=SETTINGS)
+    try:
+        items = aiter(renderer)
+        pcm = speech(20.0, 7)
+        await push(renderer, pcm)
+        capacity = renderer.rings.frames.geometry.slots
+        peak = 0
+        pairs = 0
+        async with asyncio.timeout(30):
+            while not isinstance(item := await anext(items), AudioSegmentEnd):
+                if isinstance(item, AudioFrame):
+                    pairs += 1
+                    if pairs % 50 == 0:
+                        await asyncio.sleep(0.02)  # the renderer races ahead meanwhile
+                peak = max(peak, len(renderer._out))
+        assert pairs == 500
+        assert peak <= capacity
+    finally:
+        await renderer.aclose()

@@ -250,9 +250,17 @@ class ShmRenderer(AvatarRenderer):
         self._slots.set()
 
     def _read_slots(self) -> None:
-        """Copy every published slot out of the ring, keeping what is current."""
+        """Copy the slots published so far out of the ring, keeping what is current.
+
+        Bounded by the count on entry: a renderer refilling released slots while
+        we read must not turn this into an unbounded copy (the ring's
+        backpressure is what keeps the session's memory flat).
+        """
         frames = self.rings.frames
-        while (slot := frames.peek()) is not None:
+        for _ in range(frames.used):
+            slot = frames.peek()
+            if slot is None:
+                break
             if slot.flags & IDLE:
                 if slot.pts == 0:
                     self._idle_building = []
