@@ -494,7 +494,7 @@ async def test_offer_for_unknown_room_is_404(serve: Start, http: aiohttp.ClientS
 # -- the shared renderer process -------------------------------------------------------------
 
 
-def _shm_host(heartbeat_timeout: float = 3.0, **spec: Any) -> ShmHost:
+def _shm_host(heartbeat_timeout: float = 6.0, **spec: Any) -> ShmHost:
     settings = AvatarSettings(video_width=64, video_height=64, video_fps=25)
     return ShmHost(
         RendererSpec(kind=spec.pop("kind", "pattern"), settings=settings, **spec),
@@ -519,7 +519,8 @@ async def test_readiness_follows_the_renderer_through_a_restart(
     old_pid = host.supervisor.pid
     os.kill(old_pid, signal.SIGSTOP)  # a hung renderer: no heartbeat
     try:
-        await wait_for(not_ready, "readyz to fail while the renderer hangs", timeout=10)
+        # Not ready once the heartbeat is 1 s old; replaced after 6 s without one.
+        await wait_for(not_ready, "readyz to fail while the renderer hangs", timeout=20)
         async with http.post(f"{server.url}/launch", json=join_body()) as r:
             assert r.status == 503
             assert "renderer" in (await r.json())["error"]
@@ -529,6 +530,29 @@ async def test_readiness_follows_the_renderer_through_a_restart(
             os.kill(old_pid, signal.SIGKILL)
     assert host.supervisor.pid != old_pid
     assert host.supervisor.restarts == 1
+
+
+async def test_crashed_session_releases_its_rings(
+    serve: Start, http: aiohttp.ClientSession
+) -> None:
+    host = _shm_host()
+    server = await serve(host, in_process=False, prewarm=0)
+    async with http.post(f"{server.url}/launch", json=join_body()) as r:
+        assert r.status == 202
+
+    async def attached() -> bool:
+        return any(s["pid"] for s in await sessions_of(http, server))
+
+    await wait_for(attached, "the session process")
+    assert len(host.supervisor.session_ids) == 1  # its rings are attached to the renderer
+    os.kill((await sessions_of(http, server))[0]["pid"], signal.SIGKILL)
+
+    async def released() -> bool:
+        return await sessions_of(http, server) == [] and host.supervisor.session_ids == []
+
+    await wait_for(released, "the slot and the rings to be released")
+    async with http.get(f"{server.url}/readyz") as r:
+        assert r.status == 200
 
 
 async def test_weight_swap_errors(
@@ -550,6 +574,26 @@ async def test_weight_swap_errors(
         assert r.status == 400
     async with http.get(f"{server.url}/readyz") as r:
         assert r.status == 200
+
+
+async def test_weight_swap_with_the_lipsync_renderer(
+    serve: Start, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A bad file is refused with the renderer's reason (old weights stay); a good one loads."""
+    host = _shm_host(kind="lipsync", device="cpu")
+    server = await serve(host, in_process=False, renderer="lipsync")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    async with http.post(f"{server.url}/weights", json={"path": str(junk)}, headers=ADMIN) as r:
+        assert r.status == 422
+        assert "is not an ONNX model file" in (await r.json())["error"]
+    async with http.get(f"{server.url}/readyz") as r:
+        assert r.status == 200
+    good = ROOT / "models" / "data" / "parametric.onnx"
+    async with http.post(f"{server.url}/weights", json={"path": str(good)}, headers=ADMIN) as r:
+        assert r.status == 200, await r.text()
+    assert await metric(http, server, 'avatar_weight_swaps_total{result="ok"}') == 1
+    assert await metric(http, server, 'avatar_weight_swaps_total{result="refused"}') == 1
 
 
 async def test_weight_swap_in_process_mode_is_refused(
@@ -640,7 +684,8 @@ def _start_serving(*args: str) -> tuple[subprocess.Popen, str]:
 async def test_signal_lets_sessions_leave_and_exits(
     http: aiohttp.ClientSession, signum: int
 ) -> None:
-    proc, url = _start_serving(
+    proc, url = await asyncio.to_thread(
+        _start_serving,
         "--transport", "local", "--renderer", "pattern", "--in-process", "--insecure",
         "--width", "64", "--height", "64", "--log-level", "warning",
     )  # fmt: skip

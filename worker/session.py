@@ -192,7 +192,8 @@ class LiveSession:
             for task in [*watchers, *waits]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        first = next(iter(done))
+        # When several happen at once, the first of stop, transport, idle, media names it.
+        first = next(task for task in waits if task in done)
         kind = waits[first]
         if kind == "stop":
             return Ended(self._stop_reason)

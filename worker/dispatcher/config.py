@@ -330,7 +330,6 @@ def build_parser(prog: str = "avatar-server serve") -> argparse.ArgumentParser:
         "the dispatcher starts a session process that joins the room and publishes the "
         "avatar's audio and video. Settings come from flags, then environment variables, "
         "then the TOML file, then defaults.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Endpoints: POST <join_path>, GET /healthz, GET /readyz, GET /metrics, "
         "GET /sessions, DELETE /sessions/{id}, POST /weights (admin endpoints need "
         "'Authorization: Bearer <token>').",
@@ -358,7 +357,7 @@ def build_parser(prog: str = "avatar-server serve") -> argparse.ArgumentParser:
             option.flag,
             dest=option.name,
             default=None,
-            metavar=option.name.upper(),
+            metavar=None if option.choices else option.name.upper(),
             choices=option.choices,
             type=_FLAG_TYPES.get(kinds[option.name], str),
             help=help_text,
