@@ -96,6 +96,8 @@ class AvatarSynchronizer:
         audio_track.attach(self, self.clock)
         video_track.attach(self, self.clock)
         self.on_segment_played: Callable[[int], None] | None = None
+        # (tick position, position where the frame's audio starts), once per speech frame shown
+        self.on_frame_shown: Callable[[int, int], None] | None = None
         self.stats = SyncStats()
         self._units: deque[_Unit] = deque()
         self._queued_units = 0  # units with audio in _units
@@ -263,12 +265,14 @@ class AvatarSynchronizer:
             if video is not None and not shown[0]:
                 self.stats.frames_dropped += 1
         if self._history and self._history[0][0] <= position and self._history[0][1] is not None:
-            _, video, shown = self._history[0]
+            start, video, shown = self._history[0]
             if shown[0]:
                 self.stats.frames_held += 1
             else:
                 shown[0] = True
                 self.stats.frames_shown += 1
+                if self.on_frame_shown is not None:
+                    self.on_frame_shown(position, start)
             self._last_shown = video
             return video
         if self._playing and self._last_shown is not None and self._history:
