@@ -318,3 +318,14 @@ async def test_segment_end_alone_is_not_a_segment() -> None:
     await rig.push([AudioSegmentEnd()])
     await rig.run(5)
     assert not rig.played().any()
+
+
+async def test_each_speech_frame_reports_its_tick_and_audio_start_once() -> None:
+    rig = Rig()
+    shown: list[tuple[int, int]] = []
+    rig.sync.on_frame_shown = lambda tick, start: shown.append((tick, start))
+    await rig.push(rendered(rig.renderer, speech(10 * SPF)))
+    await rig.run(25)
+    assert len(shown) == 10  # once per frame, held ticks not repeated
+    for tick, start in shown:
+        assert 0 <= tick - start < SPF  # shown on the first tick inside its audio span
