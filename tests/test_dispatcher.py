@@ -529,7 +529,11 @@ async def test_readiness_follows_the_renderer_through_a_restart(
         with contextlib.suppress(ProcessLookupError):
             os.kill(old_pid, signal.SIGKILL)
     assert host.supervisor.pid != old_pid
-    assert host.supervisor.restarts == 1
+
+    async def counted() -> bool:  # counted by the supervisor's thread just after the spawn
+        return host.supervisor.restarts == 1
+
+    await wait_for(counted, "the restart to be counted", timeout=5)
 
 
 async def test_crashed_session_releases_its_rings(

@@ -31,6 +31,7 @@ from .clock import MediaClock
 from .local_room import LocalRoom
 from .mp4 import Mp4Writer
 from .server import AvatarServer
+from .synchronizer import DEFAULT_JITTER_FRAMES
 from .types import AvatarRenderer, AvatarSettings
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ async def render(
     *,
     settings: AvatarSettings | None = None,
     speed: float = 1.0,
-    jitter_frames: int = 3,
+    jitter_frames: int = DEFAULT_JITTER_FRAMES,
     progress: Callable[[float], None] | None = None,
     timeout: float | None = None,
 ) -> RenderReport:

@@ -23,7 +23,7 @@ from typing import Any
 from av import AudioFrame
 
 from .clock import MediaClock
-from .synchronizer import AvatarSynchronizer
+from .synchronizer import DEFAULT_JITTER_FRAMES, AvatarSynchronizer
 from .tracks import AvatarVisualTrack, AvatarVoiceTrack
 from .types import AudioSegmentEnd, AvatarInput, AvatarRenderer, AvatarSettings
 
@@ -40,7 +40,7 @@ class AvatarServer:
         audio_recv: AvatarInput,
         video_gen: AvatarRenderer,
         options: AvatarSettings,
-        jitter_frames: int = 3,
+        jitter_frames: int = DEFAULT_JITTER_FRAMES,
         clock: MediaClock | None = None,
         wait_for_renderer: bool = False,
     ) -> None:

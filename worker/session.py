@@ -51,6 +51,7 @@ from .dispatcher.messages import (
 )
 from .dispatcher.renderer_host import AttachedRenderer, attach_renderer
 from .server import AvatarServer
+from .synchronizer import DEFAULT_JITTER_FRAMES
 from .transports.base import JoinError, RoomTransport
 from .types import AvatarSettings
 
@@ -62,7 +63,7 @@ class SessionOptions:
     session_id: str
     participant_id: str
     settings: AvatarSettings
-    jitter_frames: int = 3
+    jitter_frames: int = DEFAULT_JITTER_FRAMES
     join_timeout: float = 20.0
     idle_timeout: float = 300.0
     stats_interval: float = 1.0

@@ -10,8 +10,6 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
 
 
@@ -24,7 +22,7 @@ class BenchConfig:
     weights: str = "builtin"  # builtin | reference | path to an ONNX file
     batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     sessions: int | None = None  # None: search upwards until a session count fails
-    duration: float = 5.0  # seconds of speech per pacing, sweep and sessions run
+    duration: float = 4.0  # seconds of speech per pacing, sweep and sessions run
     tts_speed: float = 1.0  # how fast the agent streams speech, in multiples of real time
     fps: float = 25.0
     width: int = 512
@@ -48,13 +46,6 @@ def skipped(reason: str) -> dict[str, str]:
 
 def is_skipped(result: object) -> bool:
     return isinstance(result, dict) and set(result) == {"skipped"}
-
-
-def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values``; 0.0 for no values."""
-    if len(values) == 0:
-        return 0.0
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def median(values: Sequence[float]) -> float:

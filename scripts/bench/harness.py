@@ -83,6 +83,8 @@ class LocalAgent:
 
 
 class Session(Protocol):
+    """What :func:`run_speech` needs of a design: its two tracks and its progress."""
+
     audio_track: Any
     video_track: Any
 
@@ -182,6 +184,7 @@ async def run_speech(
     timeout = timeout if timeout is not None else 20.0 + 3.0 * seconds
     await session.start()
     consumer.start()
+    speaking: asyncio.Task | None = None
     try:
         await asyncio.sleep(lead_in)
         speaking = asyncio.create_task(agent.speak(pcm, speed=speed))
@@ -193,5 +196,7 @@ async def run_speech(
         await speaking
         await asyncio.sleep(2.0 / fps)  # a last tick or two after the speech
     finally:
+        if speaking is not None and not speaking.done():
+            speaking.cancel()
         await consumer.stop()
     return consumer.trace

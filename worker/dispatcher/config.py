@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..synchronizer import DEFAULT_JITTER_FRAMES
 from ..types import AvatarSettings
 
 
@@ -74,7 +75,7 @@ class DispatcherConfig:
     height: int = 512
     fps: float = 25.0
     max_batch: int = 8
-    jitter_frames: int = 3
+    jitter_frames: int = DEFAULT_JITTER_FRAMES
     in_process: bool = False
 
     @property
@@ -241,7 +242,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("height", "renderer", "video height (default 512)"),
     Option("fps", "renderer", "video frame rate (default 25)"),
     Option("max_batch", "renderer", "largest inference batch across sessions (default 8)"),
-    Option("jitter_frames", "renderer", "frames queued before playout starts (default 3)"),
+    Option(
+        "jitter_frames",
+        "renderer",
+        f"frames queued before playout starts (default {DEFAULT_JITTER_FRAMES})",
+    ),
     Option(
         "in_process",
         "renderer",

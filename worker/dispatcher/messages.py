@@ -30,6 +30,8 @@ import asyncio
 
 import msgspec
 
+from ..synchronizer import DEFAULT_JITTER_FRAMES
+
 
 class JoinSpec(msgspec.Struct):
     """What the agent posted: the room and the pre-signed credentials to enter it."""
@@ -53,7 +55,7 @@ class Prepare(_Message):
     width: int
     height: int
     fps: float
-    jitter_frames: int = 3
+    jitter_frames: int = DEFAULT_JITTER_FRAMES
     log_level: str = "info"
 
 
