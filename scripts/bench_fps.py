@@ -17,7 +17,7 @@ Sections, in the order they run (each a module of ``scripts/bench``):
     latency       first audio byte -> first lip-synced frame; interrupt -> silence
 
 Progress goes to stderr; the summary table to stdout at the end; ``--json``
-writes every figure (schema: docs/performance.md).  A section that cannot run
+writes every figure (schema: README, "Performance").  A section that cannot run
 here (no GPU, a package missing) is reported as ``skipped: <reason>``.
 Exit status: 0 when every section ran or was skipped, 1 when one failed,
 2 for unusable arguments.
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(
         prog="bench_fps.py",
-        description="How many avatar sessions this machine serves (see docs/performance.md).",
+        description="How many avatar sessions this machine serves (see the README, "Performance").",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument(
