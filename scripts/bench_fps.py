@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(
         prog="bench_fps.py",
-        description="How many avatar sessions this machine serves (see the README, "Performance").",
+        description="How many avatar sessions this machine serves (see the README, 'Performance').",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument(
