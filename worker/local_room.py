@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import MAX_PAYLOAD, RELIABLE, UNRELIABLE
+from .protocol import RELIABLE, UNRELIABLE, check_outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +111,7 @@ class LocalMeeting:
         mode = (options or {}).get("reliability", RELIABLE)
         if mode not in (RELIABLE, UNRELIABLE):
             raise ValueError(f"unknown reliability mode {mode!r}")
-        if isinstance(payload, bytearray | memoryview):
-            payload = bytes(payload)
-        if not isinstance(payload, bytes | str):
-            raise TypeError(
-                f"Invalid payload type current type is: {type(payload).__name__} "
-                "only string and bytes are allowed"
-            )
-        size = len(payload.encode("utf-8")) if isinstance(payload, str) else len(payload)
-        if size > MAX_PAYLOAD:
-            raise ValueError(f"Payload too large: {size} bytes. Max allowed is {MAX_PAYLOAD} bytes")
+        payload = check_outgoing(payload)
         if self.participant_id not in self._room.participants:
             raise ConnectionError("Cannot send message, Network is not available.")
         self._room._schedule(self.participant_id, payload, mode)

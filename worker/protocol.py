@@ -95,6 +95,21 @@ def segment_end() -> str:
 Message = bytes | Interrupt | SegmentEnd | StreamEnded | UnknownControl
 
 
+def check_outgoing(payload: object) -> bytes | str:
+    """What ``Meeting.send`` accepts, with the SDK's own errors for what it refuses."""
+    if isinstance(payload, bytearray | memoryview):
+        payload = bytes(payload)
+    if not isinstance(payload, bytes | str):
+        raise TypeError(
+            f"Invalid payload type current type is: {type(payload).__name__} "
+            "only string and bytes are allowed"
+        )
+    size = len(payload.encode("utf-8")) if isinstance(payload, str) else len(payload)
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"Payload too large: {size} bytes. Max allowed is {MAX_PAYLOAD} bytes")
+    return payload
+
+
 def classify(payload: object) -> Message:
     """Turn an ``on_data`` payload into audio bytes or a control message.
 

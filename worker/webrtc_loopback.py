@@ -41,7 +41,7 @@ from vsaiortc import (
 )
 from vsaiortc.mediastreams import MediaStreamTrack
 
-from .protocol import MAX_PAYLOAD, RELIABLE, UNRELIABLE
+from .protocol import RELIABLE, UNRELIABLE, check_outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -106,16 +106,7 @@ class DataChannelMeeting:
 
     async def send(self, payload: bytes | str, options: dict | None = None) -> bool:
         mode = (options or {}).get("reliability", RELIABLE)
-        if isinstance(payload, bytearray | memoryview):
-            payload = bytes(payload)
-        if not isinstance(payload, bytes | str):
-            raise TypeError(
-                f"Invalid payload type current type is: {type(payload).__name__} "
-                "only string and bytes are allowed"
-            )
-        size = len(payload.encode("utf-8")) if isinstance(payload, str) else len(payload)
-        if size > MAX_PAYLOAD:
-            raise ValueError(f"Payload too large: {size} bytes. Max allowed is {MAX_PAYLOAD} bytes")
+        payload = check_outgoing(payload)
         channel = self._channels.get(mode)
         if channel is None or channel.readyState != "open":
             raise ConnectionError("Cannot send message, Network is not available.")
