@@ -10,6 +10,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from worker.synchronizer import DEFAULT_JITTER_FRAMES
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,7 @@ class BenchConfig:
     width: int = 512
     height: int = 512
     sample_rate: int = 24_000
-    jitter_frames: int = 3  # the synchronizer's jitter buffer for pacing, sessions, latency
+    jitter_frames: int = DEFAULT_JITTER_FRAMES  # jitter buffer for pacing, sessions, latency
     jitter_sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
     ipc_frames: int = 300
     seed: int = 0
