@@ -149,6 +149,9 @@ class RenderLoop:
                     self._pump(session)
                 except RingCorruptError as exc:
                     self._drop(session, f"its audio ring is corrupt: {exc}")
+                except Exception as exc:  # one session's bad stream must not stop the others
+                    logger.exception("session %d failed", session.id)
+                    self._drop(session, f"its audio could not be processed: {exc}")
             batch = self._pick_batch()
             if batch:
                 self._render(batch)

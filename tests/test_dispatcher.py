@@ -519,7 +519,7 @@ async def test_readiness_follows_the_renderer_through_a_restart(
     old_pid = host.supervisor.pid
     os.kill(old_pid, signal.SIGSTOP)  # a hung renderer: no heartbeat
     try:
-        # Not ready once the heartbeat is 1 s old; replaced after 6 s without one.
+        # Not ready once the heartbeat is 3 s old; replaced after 6 s without one.
         await wait_for(not_ready, "readyz to fail while the renderer hangs", timeout=20)
         async with http.post(f"{server.url}/launch", json=join_body()) as r:
             assert r.status == 503

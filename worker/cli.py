@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .render_job import SAMPLE_SPEECH, RenderError, read_audio, render
+from .synchronizer import DEFAULT_JITTER_FRAMES
 from .types import AvatarSettings
 
 logger = logging.getLogger("avatar-server")
@@ -121,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--jitter-frames",
         type=int,
-        default=3,
-        help="frames queued before playout starts (default 3)",
+        default=DEFAULT_JITTER_FRAMES,
+        help=f"frames queued before playout starts (default {DEFAULT_JITTER_FRAMES})",
     )
     r.add_argument(
         "--speed",

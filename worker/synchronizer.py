@@ -166,7 +166,9 @@ class AvatarSynchronizer:
             if self._resampler is None:
                 self._resampler = AudioResampler("s16", layout, self.sample_rate)
             frames = self._resampler.resample(frame)
-            return np.concatenate([f.to_ndarray().ravel() for f in frames] or [np.zeros(0)])
+            return np.concatenate(
+                [f.to_ndarray().ravel() for f in frames] or [np.zeros(0, np.int16)]
+            )
         return frame.to_ndarray().ravel().astype(np.int16, copy=False)
 
     def flush(self) -> int:
@@ -176,6 +178,7 @@ class AvatarSynchronizer:
         self._units.clear()
         self._queued_units = self._ends_queued = 0
         self._pending_video = None
+        self._resampler = None  # samples it holds back belong to the interrupted speech
         self._playing = False
         self._segment_samples = 0
         self._history.clear()

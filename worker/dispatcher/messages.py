@@ -27,10 +27,13 @@ leaves its room, the dispatcher frees the slot.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgspec
 
 from ..synchronizer import DEFAULT_JITTER_FRAMES
+
+logger = logging.getLogger(__name__)
 
 
 class JoinSpec(msgspec.Struct):
@@ -156,9 +159,16 @@ class ControlChannel:
             line = await self._reader.readline()
         except (ConnectionError, ValueError):
             return None
-        if not line:
-            return None
-        return _decoder.decode(line)
+        while line:
+            try:
+                return _decoder.decode(line)
+            except msgspec.DecodeError as exc:  # a bad line must not silence the channel
+                logger.warning("dropped a malformed control message: %s", exc)
+            try:
+                line = await self._reader.readline()
+            except (ConnectionError, ValueError):
+                return None
+        return None
 
     def close(self) -> None:
         self._writer.close()

@@ -132,7 +132,9 @@ class ShmHost(RendererHost):
             spec.factory, spec.kwargs(), heartbeat_timeout=heartbeat_timeout
         )
         self._started = False
-        self._stale_after = max(1.0, 20 * self.supervisor.heartbeat_interval)
+        # Not ready once the heartbeat is half-way to the supervisor's hang limit: a slow
+        # batch (a large model on a CPU, a cold CUDA start) is not yet a reason to refuse joins.
+        self._stale_after = self.supervisor.heartbeat_timeout / 2
 
     async def start(self) -> None:
         await asyncio.to_thread(self.supervisor.start)
