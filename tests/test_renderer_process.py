@@ -47,7 +47,7 @@ class ToyRenderer(FrameRenderer):
         self._streams = 0
 
     def open_stream(self) -> RenderStream:
-        stream = RenderStream(self.sample_rate, self.fps)
+        stream = _PoisonableStream(self.sample_rate, self.fps)
         self._streams += 1
         stream.number = self._streams  # type: ignore[attr-defined]
         return stream
@@ -76,6 +76,15 @@ class ToyRenderer(FrameRenderer):
         self.tag = int(text.split(":", 1)[1])
 
 
+class _PoisonableStream(RenderStream):
+    """Raises on a sample of -32768, as a real feature extractor may on bad input."""
+
+    def _on_pcm(self, pcm: np.ndarray) -> None:
+        if (pcm == POISON).any():
+            raise ValueError("poisoned audio")
+
+
+POISON = -32768
 FACTORY = f"{ToyRenderer.__module__}:ToyRenderer"
 
 
@@ -435,3 +444,22 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_a_failing_session_is_dropped_and_the_others_keep_being_served(make_rings) -> None:
+    with Supervisor(FACTORY) as sup:
+        bad, good = make_rings(), make_rings()
+        bad_id, good_id = sup.attach(bad), sup.attach(good)
+        reader = Reader(good)
+        reader.until(lambda r: len(r.idle) == 3)
+        bad.audio.put_pcm_blocking(np.full(2000, POISON, np.int16))
+        deadline = time.monotonic() + 10
+        while bad_id in sup.session_ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sup.session_ids == [good_id]
+        pcm = speech(0.3, 4)
+        good.audio.put_pcm_blocking(pcm)
+        assert good.audio.end_segment()
+        reader.until(lambda r: r.has_segment_end(0))
+        _check_segment(reader.segment(0), pcm)
+        assert sup.restarts == 0
