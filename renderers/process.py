@@ -32,7 +32,6 @@ per attach, as ``IDLE`` slots ahead of any speech.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import os
@@ -41,7 +40,6 @@ import signal
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -65,25 +63,13 @@ from .control import (
     SwapResult,
     SwapWeights,
 )
+from .factory import load_factory
 from .frame_ring import IDLE, SEGMENT_END, SPEECH, samples_per_frame_max
 from .shm import PassFd, close_fds
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # queue entry: a segment end with no frame (the segment had no audio)
-
-
-def load_factory(path: str) -> Callable[..., FrameRenderer]:
-    """``"package.module:callable"`` -> the callable, with errors a user can act on."""
-    module, sep, name = path.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"renderer factory {path!r} is not of the form 'package.module:callable'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"renderer factory {path!r}: module {module!r} not found") from exc
-    except AttributeError:
-        raise ValueError(f"renderer factory {path!r}: {module} has no {name!r}") from None
 
 
 @dataclass(eq=False)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
+from .loop import run as run_loop
 from .render_job import SAMPLE_SPEECH, RenderError, read_audio, render
 from .synchronizer import DEFAULT_JITTER_FRAMES
 from .types import AvatarSettings
@@ -62,7 +62,7 @@ def _render_command(args: argparse.Namespace) -> int:
             )
 
     try:
-        report = _run(run())
+        report = run_loop(run())
     except (RenderError, ValueError, FileNotFoundError) as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -74,15 +74,6 @@ def _render_command(args: argparse.Namespace) -> int:
         f"{report.fps:g} fps, {report.stalls} stalls"
     )
     return 0
-
-
-def _run(coro):
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,10 +10,11 @@ default, or the same frame renderer in this process for debugging.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from renderers.factory import load_factory
 
 from .types import AvatarRenderer, AvatarSettings
 
@@ -61,12 +62,6 @@ class RendererSpec:
             "backend": self.backend,
             "device": self.device,
         }
-
-
-def load_factory(path: str):
-    """``"package.module:callable"`` -> the callable."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 @contextlib.asynccontextmanager

@@ -50,6 +50,7 @@ from .dispatcher.messages import (
     Stop,
 )
 from .dispatcher.renderer_host import AttachedRenderer, attach_renderer
+from .loop import run
 from .server import AvatarServer
 from .synchronizer import DEFAULT_JITTER_FRAMES
 from .transports.base import JoinError, RoomTransport
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s session %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return _run(serve_control(args.control_fd))
+    return run(serve_control(args.control_fd))
 
 
 def _die_with_parent(parent_pid: int) -> bool:
@@ -408,14 +409,6 @@ def _die_with_parent(parent_pid: int) -> bool:
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     return os.getppid() == parent_pid
-
-
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _warm_imports() -> Any:
