@@ -275,8 +275,6 @@ class LiveSession:
     def _hook_offsets(self) -> None:
         """Record, for each speech frame shown, how far its tick is from its audio's start."""
         sync = self.server.av_sync
-        if not hasattr(sync, "on_frame_shown"):
-            return
         rate = sync.sample_rate
 
         def shown(tick_position: int, audio_position: int) -> None:
