@@ -289,11 +289,6 @@ class AudioRing:
             self._words[_TAIL] = tail + size
             return AudioRecord(kind, epoch, pcm)
 
-    def skip_all(self) -> None:
-        """Discard everything written so far (reader side)."""
-        self._words[_TAIL] = self._words[_HEAD]
-        self.space_bell.ring()
-
     def notify_space(self) -> None:
         self.space_bell.ring()
 

@@ -1,7 +1,7 @@
 """The control channel between a supervisor and its renderer process.
 
 Everything that is not a stream of samples or frames goes here: attaching and
-detaching sessions (with their ring descriptors), interrupts, weight swaps,
+detaching sessions (with their ring descriptors), weight swaps,
 shutdown, and the renderer's replies.  Messages are msgspec structs encoded
 as msgpack, one per datagram on a ``SOCK_SEQPACKET`` Unix socket pair, so
 descriptors sent with ``SCM_RIGHTS`` stay attached to the message that names
@@ -38,12 +38,6 @@ class Attach(msgspec.Struct, tag=True):
 
 
 class Detach(msgspec.Struct, tag=True):
-    session_id: int
-
-
-class Interrupt(msgspec.Struct, tag=True):
-    """Discard the session's queued audio and in-flight frames (the epoch does this too)."""
-
     session_id: int
 
 
@@ -88,17 +82,7 @@ class Detached(msgspec.Struct, tag=True):
     reason: str
 
 
-Message = (
-    Attach
-    | Detach
-    | Interrupt
-    | SwapWeights
-    | Shutdown
-    | Ready
-    | StartFailed
-    | SwapResult
-    | Detached
-)
+Message = Attach | Detach | SwapWeights | Shutdown | Ready | StartFailed | SwapResult | Detached
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

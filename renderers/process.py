@@ -54,7 +54,6 @@ from .control import (
     ControlChannel,
     Detach,
     Detached,
-    Interrupt,
     Ready,
     SessionRings,
     Shutdown,
@@ -181,10 +180,6 @@ class RenderLoop:
             if isinstance(msg, Detach):
                 if msg.session_id in self.sessions:
                     self._drop(self.sessions[msg.session_id], None)
-            elif isinstance(msg, Interrupt):
-                if (session := self.sessions.get(msg.session_id)) is not None:
-                    session.rings.audio.skip_all()
-                    session.restart(session.epoch)
             elif isinstance(msg, SwapWeights):
                 self.channel.send(self._swap(msg))
             elif isinstance(msg, Shutdown):

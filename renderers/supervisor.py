@@ -57,7 +57,6 @@ from .control import (
     ControlChannel,
     Detach,
     Detached,
-    Interrupt,
     Ready,
     SessionRings,
     Shutdown,
@@ -210,16 +209,6 @@ class Supervisor:
             self._send(Detach(session_id))
             self._release(session)
         self._wake_watcher()
-
-    def interrupt(self, session_id: int) -> None:
-        """Discard the session's queued audio and frames in flight.
-
-        Bumping the audio ring's epoch does the same without a round trip;
-        this is for callers that do not own the ring.
-        """
-        with self._lock:
-            if session_id in self._sessions:
-                self._send(Interrupt(session_id))
 
     def request_swap(self, path: str | os.PathLike[str]) -> Future[None]:
         """Ask the renderer to load other weights between two frames.
