@@ -162,7 +162,7 @@ class Dispatcher:
         pid = body.participant_id
         if pid is not None and (not (0 < len(pid) <= MAX_NAME) or not _PRINTABLE.match(pid)):
             return f"participant_id must be 1-{MAX_NAME} printable characters"
-        host = body.signaling_base_url
+        host = body.signaling_base_url or self.config.signaling_base_url
         if host:
             if not _HOSTNAME.match(host):
                 return "signaling_base_url must be a host name such as api.videosdk.live"
@@ -198,7 +198,7 @@ class Dispatcher:
             room_name=body.room_name,
             token=body.token or "",
             participant_id=participant_id,
-            signaling_base_url=body.signaling_base_url or None,
+            signaling_base_url=body.signaling_base_url or self.config.signaling_base_url,
         )
         try:
             session = self.sessions.launch(spec)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import ipaddress
 import os
 import tomllib
@@ -59,6 +60,7 @@ class DispatcherConfig:
     retry_after: int = 5
     prewarm: int = 1
     signaling_hosts: list[str] = field(default_factory=lambda: ["*.videosdk.live"])
+    signaling_base_url: str | None = None
     log_level: str = "info"
     # [auth]
     api_key: str | None = None
@@ -115,6 +117,13 @@ class DispatcherConfig:
         for name in ("join_timeout", "idle_timeout", "leave_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.signaling_base_url:
+            name = self.signaling_base_url.split(":")[0].lower()
+            if not any(fnmatch.fnmatch(name, p.lower()) for p in self.signaling_hosts):
+                raise ConfigError(
+                    f"signaling_base_url {self.signaling_base_url!r} does not match "
+                    f"signaling_hosts ({', '.join(self.signaling_hosts)})"
+                )
         if bool(self.api_key) != bool(self.secret):
             raise ConfigError(
                 "set both the VideoSDK API key and secret (VIDEOSDK_API_KEY and "
@@ -201,6 +210,12 @@ OPTIONS: tuple[Option, ...] = (
         "server",
         "comma-separated host patterns a join's signaling_base_url may name "
         "(default *.videosdk.live)",
+    ),
+    Option(
+        "signaling_base_url",
+        "server",
+        "VideoSDK host for joins that name none (videosdk-agents' AvatarAudioOut never "
+        "does); must match signaling_hosts (default: the SDK's, api.videosdk.live)",
     ),
     Option("log_level", "server", "debug, info, warning or error (default info)"),
     Option(
