@@ -70,6 +70,7 @@ from worker.audio_out import AvatarAudioOut
 from worker.auth import AvatarAuthCredentials
 from worker.clock import MediaClock
 from worker.inprocess_renderer import InProcessRenderer
+from worker.listeners import DataListener
 from worker.local_room import ChannelTiming, LocalRoom
 from worker.server import AvatarServer
 from worker.types import AudioSegmentEnd, AvatarSettings
@@ -257,7 +258,7 @@ class SessionHarness:
         self._idle_ids: set[int] = set()
         self._tasks: list[asyncio.Task] = []
         # Runs after AvatarAudioIn's listener (added first), so it sees the effect.
-        self.avatar.add_event_listener(self)
+        self.avatar.add_event_listener(DataListener(self.on_data))
 
     # -- lifecycle ---------------------------------------------------------------
 

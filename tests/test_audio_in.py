@@ -48,7 +48,7 @@ class FakeMeeting:
     def deliver(self, payload: Any, sender: Any = AGENT, **extra: Any) -> None:
         data = {"payload": payload, "from": sender, "timestamp": 0, "reliability": "RELIABLE"}
         for listener in list(self.listeners):
-            listener.on_data(data | extra)
+            listener.handle_event("data", data | extra)  # as videosdk.Meeting does
 
 
 def receiver(**options: Any) -> tuple[AvatarAudioIn, FakeMeeting]:
@@ -289,7 +289,7 @@ async def test_malformed_payloads_are_logged_and_dropped(payload, caplog) -> Non
 async def test_data_that_is_not_a_message_never_raises(data) -> None:
     audio_in, meeting = receiver()
     for listener in meeting.listeners:
-        listener.on_data(data)
+        listener.handle_event("data", data)
     assert queued(audio_in) == []
 
 

@@ -32,6 +32,7 @@ from compat.wire import frame, pack_payload, read_frame, unpack_payload
 from conftest import AVATAR, SR, SessionHarness, locate, pcm, played_prefix, speech
 
 from worker import protocol
+from worker.listeners import DataListener
 
 BRIDGE_SCRIPT = Path(__file__).parent / "compat" / "agent_bridge.py"
 
@@ -76,7 +77,7 @@ class AgentBridge:
         self._writer.write(frame({"op": "hello", "avatar_id": AVATAR}))
         # The room's agent participant is now the real agent, not our AvatarAudioOut.
         await self.harness.out.aclose()
-        self.harness.agent.add_event_listener(self)
+        self.harness.agent.add_event_listener(DataListener(self.on_data))
         self._reader = asyncio.create_task(self._read(reader))
         return self
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from worker import protocol
 from worker.audio_out import AvatarAudioOut
 from worker.auth import AvatarAuthCredentials
+from worker.listeners import RoomListener
 from worker.local_room import ChannelTiming, LocalRoom
 
 
@@ -132,8 +133,9 @@ def test_audio_survives_the_sdk_str_conversion(raw: bytes) -> None:
 # -- LocalRoom ------------------------------------------------------------------------------------
 
 
-class Inbox:
+class Inbox(RoomListener):
     def __init__(self) -> None:
+        super().__init__()
         self.data: list[dict] = []
 
     def on_data(self, data: dict) -> None:

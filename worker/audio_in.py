@@ -5,9 +5,17 @@ Differences from the seed receiver, each a documented fix:
 * silence is audio: the SDK hands UTF-8-decodable payloads over as ``str``,
   so any ``str`` that is neither ``INTERRUPT`` nor typed JSON is PCM;
 * only the agent counts: messages from our own participant are ignored, and
-  so is every participant other than the agent.  The agent is
-  ``agent_participant_id`` when given, otherwise the first participant that
-  sends a protocol message (audio, ``segment_end`` or ``INTERRUPT``);
+  so is every participant other than the agent.  The agent is the one the
+  room names (:meth:`AvatarAudioIn.set_agent`: the real agent joins with peer
+  type ``agent``) or ``agent_participant_id`` when given; only when the room
+  names none (:meth:`AvatarAudioIn.agent_unknown`) is it the first participant
+  that sends a protocol message (audio, ``segment_end`` or ``INTERRUPT``).
+  With ``hold_until_agent_known`` (the live session), messages that arrive
+  before either call are held, in order, and handled once it is known who
+  the agent is, so a person's chat during the join cannot take the agent's
+  place and the agent's first words are not lost;
+* the listener (:attr:`AvatarAudioIn.listener`, a ``MeetingEventHandler``)
+  exists from construction, so a transport can attach it before it joins;
 * ``segment_end`` may overtake the last audio chunks (both channels are
   unordered): the segment end takes effect ``segment_end_grace`` seconds after
   it arrives, and audio arriving in that window still belongs to the segment
@@ -32,32 +40,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from av import AudioFrame
 
 from . import protocol
+from .listeners import DataListener
 from .types import AudioSegmentEnd, AvatarInput
 
 logger = logging.getLogger(__name__)
 
-
-class _DataListener:
-    """The ``MeetingEventHandler`` shape: the SDK calls ``on_data(data)``."""
-
-    def __init__(self, callback: Callable[[dict], None]) -> None:
-        self._callback = callback
-
-    def on_data(self, data: dict) -> None:
-        self._callback(data)
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        # The SDK calls other on_* hooks on every listener; ignore them.
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+#: Bytes of messages held while the agent is not known yet (about 170 s of 24 kHz speech).
+MAX_HELD_BYTES = 8 * 1024 * 1024
 
 
 class AvatarAudioIn(AvatarInput):
@@ -75,6 +70,7 @@ class AvatarAudioIn(AvatarInput):
         segment_timeout: float = 2.0,
         interrupt_quiet: float = 0.15,
         interrupt_max_drop: float = 1.0,
+        hold_until_agent_known: bool = False,
     ) -> None:
         super().__init__()
         if channels not in (1, 2):
@@ -89,32 +85,77 @@ class AvatarAudioIn(AvatarInput):
         self.interrupt_max_drop = interrupt_max_drop
         self._queue: asyncio.Queue[AudioFrame | AudioSegmentEnd | None] = asyncio.Queue()
         self._meeting: Any | None = None
-        self._listener: _DataListener | None = None
+        self.listener = DataListener(self._on_data)
+        self._attached = False
+        # None: not holding; a list: messages held until the agent is known.
+        self._held: list[dict] | None = (
+            [] if hold_until_agent_known and agent_participant_id is None else None
+        )
+        self._held_bytes = 0
         self._segment_open = False  # audio of the current segment has been queued
         self._pending_end: asyncio.TimerHandle | None = None  # segment_end's grace window
         self._idle_end: asyncio.TimerHandle | None = None  # segment_timeout without audio
         self._dropping_since: float | None = None  # set while discarding after INTERRUPT
         self._last_dropped = 0.0
         self._closed = False
-        self.stats = {"audio_bytes": 0, "dropped_after_interrupt": 0, "ignored": 0, "malformed": 0}
+        self.stats = {
+            "audio_bytes": 0,
+            "dropped_after_interrupt": 0,
+            "ignored": 0,
+            "malformed": 0,
+            "held": 0,
+            "dropped_while_held": 0,
+        }
         if meeting is not None:
             self.set_meeting(meeting)
 
     # -- room plumbing -------------------------------------------------------
 
-    def set_meeting(self, meeting: Any) -> None:
-        self._detach()
+    def set_meeting(self, meeting: Any, *, attach: bool = True) -> None:
+        """Send acknowledgements through ``meeting``; listen to it too unless ``attach`` is False.
+
+        ``attach=False`` is for a transport that was given :attr:`listener`
+        before it joined (it is already on the meeting).
+        """
+        if self._meeting is not None and self._meeting is not meeting:
+            self._detach()
         self._meeting = meeting
-        self._listener = _DataListener(self._on_data)
-        meeting.add_event_listener(self._listener)
+        if attach and not self._attached:
+            meeting.add_event_listener(self.listener)
+        self._attached = True
 
     def _detach(self) -> None:
-        if self._meeting is not None and self._listener is not None:
+        if self._meeting is not None and self._attached:
             try:
-                self._meeting.remove_event_listener(self._listener)
+                self._meeting.remove_event_listener(self.listener)
             except Exception:
                 logger.debug("listener already removed", exc_info=True)
-        self._listener = None
+        self._attached = False
+
+    # -- who the agent is --------------------------------------------------------
+
+    def set_agent(self, participant_id: str) -> None:
+        """The room named the agent: only its messages count from now on.
+
+        It overrides an agent guessed from the first message (a person may
+        have sent something before the agent was announced).
+        """
+        if participant_id == self.self_participant_id:
+            return
+        if self.agent_participant_id != participant_id:
+            logger.info("agent is participant %s (named by the room)", participant_id)
+        self.agent_participant_id = participant_id
+        self._release_held()
+
+    def agent_unknown(self) -> None:
+        """The room named no agent: fall back to the first protocol message's sender."""
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        self._held_bytes = 0
+        for data in held or ():
+            self._on_data(data)
 
     # -- AvatarInput -----------------------------------------------------------
 
@@ -141,6 +182,7 @@ class AvatarAudioIn(AvatarInput):
         if self._closed:
             return
         self._closed = True
+        self._held = None
         self._detach()
         self._cancel_timers()
         self._queue.put_nowait(None)
@@ -149,11 +191,25 @@ class AvatarAudioIn(AvatarInput):
 
     def _on_data(self, data: dict) -> None:
         """SDK callback: never raises."""
+        if self._held is not None and not self._closed:
+            self._hold(data)
+            return
         try:
             self._handle(data)
         except Exception:
             self.stats["malformed"] += 1
             logger.exception("dropped a data message that could not be handled")
+
+    def _hold(self, data: Any) -> None:
+        payload = data.get("payload") if isinstance(data, dict) else None
+        size = len(payload) if isinstance(payload, bytes | str) else 0
+        if self._held_bytes + size > MAX_HELD_BYTES:
+            self.stats["dropped_while_held"] += 1
+            return
+        assert self._held is not None
+        self._held.append(data)
+        self._held_bytes += size
+        self.stats["held"] += 1
 
     def _handle(self, data: dict) -> None:
         if self._closed or not isinstance(data, dict):

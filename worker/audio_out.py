@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
-from .audio_in import _DataListener
 from .auth import AvatarAuthCredentials, AvatarJoinInfo
+from .listeners import DataListener
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class AvatarAudioOut:
         self._avatar_dispatcher_url = avatar_dispatcher_url
         self._room_id = room_id
         self._meeting: Any | None = None
-        self._listener: _DataListener | None = None
+        self._listener: DataListener | None = None
         self._on_stream_ended_cb = on_stream_ended
         self.acks: list[tuple[float, bool]] = []
         self.video_track = None
@@ -79,7 +79,7 @@ class AvatarAudioOut:
     def _set_meeting(self, meeting: Any) -> None:
         """Attach to the joined room and listen for acknowledgements."""
         self._meeting = meeting
-        self._listener = _DataListener(self._on_data)
+        self._listener = DataListener(self._on_data)
         meeting.add_event_listener(self._listener)
 
     async def handle_audio_input(self, audio_data: bytes) -> None:

@@ -6,11 +6,19 @@ facts the protocol must survive:
 
 * ``send(payload, {"reliability": "RELIABLE" | "UNRELIABLE"})`` accepts only
   ``bytes`` / ``str`` of at most 15,360 bytes (the SDK's limit);
-* every *other* participant's listeners get ``on_data({"payload", "from",
-  "timestamp", "reliability"})``, with any payload that decodes as UTF-8
-  handed over as ``str``, as the SDK does;
+* every *other* participant's listeners get the message the way
+  ``videosdk.Meeting`` hands it over: ``listener.handle_event("data",
+  {"payload", "from", "timestamp", "reliability"})`` (so a listener must be a
+  ``MeetingEventHandler``), with any payload that decodes as UTF-8 handed over
+  as ``str``; as in the SDK, nothing guards the call: a listener that raises
+  stops the delivery of that message to the listeners after it (the error
+  reaches the event loop's exception handler);
 * optional per-message delay and jitter per mode: with jitter, messages
   overtake each other (both channels of the real SDK are unordered).
+
+What it does not model: signalling (no ``meeting-joined``, peer or
+``meeting-left`` events, no peer types), media, connection loss, the SDK's
+threads and its join; only the data channel.
 """
 
 from __future__ import annotations
@@ -126,8 +134,6 @@ class LocalMeeting:
         self._room.leave(self.participant_id)
 
     def _dispatch(self, data: dict) -> None:
+        # Exactly what ``Meeting.__emit`` does: no guard around the listeners.
         for listener in list(self._listeners):
-            try:
-                listener.on_data(data)
-            except Exception:  # the SDK logs listener errors and carries on
-                logger.exception("a data listener raised")
+            listener.handle_event("data", data)

@@ -50,6 +50,7 @@ from .dispatcher.messages import (
     Stop,
 )
 from .dispatcher.renderer_host import AttachedRenderer, attach_renderer
+from .listeners import RoomListener
 from .loop import run
 from .server import AvatarServer
 from .synchronizer import DEFAULT_JITTER_FRAMES
@@ -70,19 +71,15 @@ class SessionOptions:
     stats_interval: float = 1.0
 
 
-class _ActivityListener:
+class _ActivityListener(RoomListener):
     """Notes when a participant other than us sent anything (the idle timer)."""
 
     def __init__(self, on_message: Callable[[object], None]) -> None:
+        super().__init__()
         self._on_message = on_message
 
     def on_data(self, data: dict) -> None:
         self._on_message(data.get("from") if isinstance(data, dict) else None)
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
 
 class LiveSession:
@@ -288,6 +285,10 @@ class LiveSession:
 
 
 def make_transport(start: Start) -> RoomTransport:
+    if start.ice_addresses:
+        from .ice import gather_on
+
+        gather_on(start.ice_addresses)
     if start.transport == "local":
         from .transports.webrtc import WebRtcLoopbackTransport
         from .webrtc_loopback import restrict_ice_to_loopback

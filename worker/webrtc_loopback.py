@@ -74,7 +74,14 @@ def new_peer_connection() -> RTCPeerConnection:
 
 
 class DataChannelMeeting:
-    """The data-channel surface of ``videosdk.Meeting`` over two RTCDataChannels."""
+    """The data-channel surface of ``videosdk.Meeting`` over two RTCDataChannels.
+
+    Messages reach listeners as in the SDK: ``listener.handle_event("data",
+    data)``, unguarded (a listener must be a ``MeetingEventHandler``; one that
+    raises stops that message's delivery to the listeners after it).  Not
+    modelled: the SDK's signalling (peer announcements, ``meeting-joined`` /
+    ``meeting-left``), its mediasoup consumers and its join sequence.
+    """
 
     def __init__(self, local_id: str, remote_id: str) -> None:
         self.participant_id = local_id
@@ -131,11 +138,9 @@ class DataChannelMeeting:
             "timestamp": int(time.time() * 1000),
             "reliability": mode,
         }
+        # Exactly what ``Meeting.__emit`` does: ``handle_event`` with no guard.
         for listener in list(self._listeners):
-            try:
-                listener.on_data(data)
-            except Exception:
-                logger.exception("a data listener raised")
+            listener.handle_event("data", data)
 
 
 def prefer_codec(transceiver: Any, mime_type: str) -> None:

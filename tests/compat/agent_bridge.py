@@ -9,8 +9,11 @@ until it is terminated or its stdin closes.  Every connection gets a fresh,
 real ``AvatarAudioOut`` attached to a meeting object with the surface it uses
 (``id``, ``send``, ``add_event_listener``, ``remove_event_listener``):
 ``send`` becomes a ``send`` frame for the test, which puts it into its room;
-``data`` frames from the test are handed to the registered listeners'
-``on_data``, as the SDK does.  The test drives the agent with ``call`` frames.
+``data`` frames from the test are handed to the registered listeners exactly
+as ``videosdk.Meeting`` does: ``listener.handle_event("data", data)``, with no
+guard (a listener that is not a ``MeetingEventHandler``, or that raises, fails
+here as it would in a real room).  Not modelled: the SDK's signalling, peer
+events, media and join; only the data channel.  The test drives the agent with ``call`` frames.
 Acks are captured where the real ``_AvatarAckHandler`` delivers them
 (``AvatarAudioOut._on_stream_ended``) and reported with ``ack`` frames.
 The first frame of a connection is ``hello`` with the avatar's participant id.
@@ -54,11 +57,9 @@ class BridgedMeeting:
         self.listeners.remove(listener)
 
     def dispatch(self, data: dict) -> None:
+        # What ``Meeting.__emit`` does: ``handle_event`` on each listener, unguarded.
         for listener in list(self.listeners):
-            try:
-                listener.on_data(data)
-            except Exception:  # the SDK logs a failing listener and carries on
-                logger.exception("a listener raised")
+            listener.handle_event("data", data)
 
 
 async def serve_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
