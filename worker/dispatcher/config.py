@@ -61,6 +61,7 @@ class DispatcherConfig:
     prewarm: int = 1
     signaling_hosts: list[str] = field(default_factory=lambda: ["*.videosdk.live"])
     signaling_base_url: str | None = None
+    ice_addresses: list[str] = field(default_factory=list)
     log_level: str = "info"
     # [auth]
     api_key: str | None = None
@@ -117,6 +118,11 @@ class DispatcherConfig:
         for name in ("join_timeout", "idle_timeout", "leave_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for address in self.ice_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"ice_addresses: {address!r} is not an IP address") from None
         if self.signaling_base_url:
             name = self.signaling_base_url.split(":")[0].lower()
             if not any(fnmatch.fnmatch(name, p.lower()) for p in self.signaling_hosts):
@@ -216,6 +222,12 @@ OPTIONS: tuple[Option, ...] = (
         "server",
         "VideoSDK host for joins that name none (videosdk-agents' AvatarAudioOut never "
         "does); must match signaling_hosts (default: the SDK's, api.videosdk.live)",
+    ),
+    Option(
+        "ice_addresses",
+        "server",
+        "comma-separated local addresses WebRTC gathers host candidates on (default: every "
+        "interface but loopback; 127.0.0.1 keeps media on this host, for tests)",
     ),
     Option("log_level", "server", "debug, info, warning or error (default info)"),
     Option(

@@ -72,6 +72,7 @@ class Start(_Message):
     transport: str
     join_timeout: float
     idle_timeout: float
+    ice_addresses: list[str] = []
 
 
 class Stop(_Message):

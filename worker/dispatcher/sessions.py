@@ -360,6 +360,7 @@ class SessionManager:
                 transport=c.transport,
                 join_timeout=c.join_timeout,
                 idle_timeout=c.idle_timeout,
+                ice_addresses=c.ice_addresses,
             )
         )
         session.attached.set()

@@ -1,0 +1,22 @@
+"""Which local addresses WebRTC offers as ICE host candidates.
+
+aioice gathers a candidate on every interface address except loopback.  A
+multi-homed host may want media on one interface only, and a test that keeps
+all traffic on the host needs 127.0.0.1, which aioice would skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aioice.ice
+
+
+def gather_on(addresses: Sequence[str]) -> None:
+    """From now on, this process gathers ICE host candidates on ``addresses`` only."""
+    chosen = list(addresses)
+
+    def host_addresses(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
+        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
