@@ -1,4 +1,4 @@
-"""Remote media is dropped at the receiver, from the first packet (worker/transports/remote_media.py).
+"""Remote media is dropped at the receiver from the first packet (transports/remote_media.py).
 
 A real ``vsaiortc.RTCRtpReceiver`` is fed real Opus RTP packets.  Only its
 DTLS transport is a stand-in (it records what the receiver registers and the
@@ -66,7 +66,7 @@ def opus_packets(count: int) -> list[RtpPacket]:
         frame.sample_rate = 48000
         frame.pts = i * 960
         frame.time_base = fractions.Fraction(1, 48000)
-        payloads, timestamp = encoder.encode(frame)
+        payloads, _ = encoder.encode(frame)
         for payload in payloads:
             packets.append(
                 RtpPacket(
