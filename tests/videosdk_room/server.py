@@ -261,9 +261,7 @@ class LoopbackVideoSdkRoom:
         app.router.add_get("/", self._ws_handler)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, "127.0.0.1", 0, ssl_context=self._certs.server_context()
-        )
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._certs.server_context())
         await site.start()
         server = site._server
         assert server is not None and server.sockets
@@ -947,7 +945,9 @@ class LoopbackVideoSdkRoom:
                 data_producer.consumers.pop(peer.peer_id, None)
         for data_producer in peer.data_producers.values():
             for consumer in list(data_producer.consumers.values()):
-                await self._notify(consumer.peer, "dataConsumerClosed", {"dataConsumerId": consumer.id})
+                await self._notify(
+                    consumer.peer, "dataConsumerClosed", {"dataConsumerId": consumer.id}
+                )
             data_producer.consumers.clear()
         if was_joined:
             for other in list(room.values()):
