@@ -21,7 +21,6 @@ import pytest
 import websockets
 from pyee.asyncio import AsyncIOEventEmitter
 from videosdk._events import Events
-from vsaiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from worker.audio_out import AvatarAudioOut
 from worker.auth import AvatarAuthCredentials
@@ -87,8 +86,10 @@ class Pullers:
 class Run:
     """A LiveSession in a LocalRoom with an agent on the other side."""
 
-    def __init__(self, transport: RoomTransport | None = None, **options: Any) -> None:
-        self.room = LocalRoom()
+    def __init__(
+        self, transport: RoomTransport | None = None, room: LocalRoom | None = None, **options: Any
+    ) -> None:
+        self.room = room or LocalRoom()
         self.transport = transport or LocalRoomTransport(self.room)
         self.options = SessionOptions(
             session_id="s1", participant_id=AVATAR, settings=SETTINGS, **options
@@ -172,6 +173,34 @@ async def test_agent_messages_keep_the_session_alive() -> None:
     assert ended.reason == "idle"
 
 
+async def test_a_person_chatting_before_the_agent_speaks_is_ignored() -> None:
+    """The room names the agent: a person's chat cannot take its place."""
+    room = LocalRoom()
+    run = Run(LocalRoomTransport(room, agent_id=AGENT), room)
+    person = room.join("person")
+    async with run:
+        pullers = Pullers(run.transport)
+        await pullers.start()
+        await run.wait(lambda: run.of(Joined), "joined")
+        await person.send("hello, is anyone there?", {"reliability": "RELIABLE"})
+        await room.drain()
+        await run.out.handle_audio_input(speech(0.4).tobytes())
+        await run.out.send_segment_end()
+        await run.wait(lambda: run.out.acks, "the stream_ended ack")
+        assert run.session.audio_in.agent_participant_id == AGENT
+        assert run.session.audio_in.stats["ignored"] == 1
+        assert run.out.acks[0][0] == pytest.approx(0.4, abs=0.05)
+        await pullers.stop()
+
+
+async def test_the_transports_reason_and_detail_end_the_session() -> None:
+    async with Run() as run:
+        await run.wait(lambda: run.of(Joined), "joined")
+        run.transport._close("connection lost", "the connection to the room was lost")
+        ended = await run.ended()
+    assert ended == Ended("connection lost", "the connection to the room was lost")
+
+
 async def test_stop_ends_the_session_with_its_reason() -> None:
     async with Run() as run:
         await run.wait(lambda: run.of(Joined), "joined")
@@ -186,7 +215,7 @@ class FailingTransport(RoomTransport):
         self.error = error
         self.left = False
 
-    async def join(self, **kwargs: Any):
+    async def _join(self, **kwargs: Any):
         if self.error is not None:
             raise self.error
         await asyncio.Event().wait()  # never joins
@@ -377,20 +406,6 @@ class FakeMeeting:
         pass
 
 
-class FakeReceiver:
-    def __init__(self) -> None:
-        self.decoder_stopped = False
-
-    def _handle_disconnect(self) -> None:
-        self.decoder_stopped = True
-
-
-class FakeConsumer:
-    def __init__(self) -> None:
-        self.rtpReceiver = FakeReceiver()
-        self.track = None
-
-
 async def joined_transport(peers: list[dict]) -> tuple[VideoSdkTransport, FakeMeeting]:
     meetings: list[FakeMeeting] = []
 
@@ -445,14 +460,3 @@ async def test_our_own_leave_is_not_reported_as_a_room_close() -> None:
     transport, _ = await joined_transport([{"id": "user-1"}])
     await transport.leave()
     assert not transport.closed.is_set()
-
-
-async def test_remote_media_is_not_decoded() -> None:
-    transport, meeting = await joined_transport([{"id": "user-1"}])
-    consumers = [FakeConsumer(), FakeConsumer()]
-    for consumer in consumers:
-        meeting.room_client.emit(Events.ADD_CONSUMER, consumer)
-    assert all(c.rtpReceiver.decoder_stopped for c in consumers)
-    assert transport.muted_consumers == 2
-    # The SDK's receiver still has the hook this relies on.
-    assert callable(getattr(RTCRtpReceiver, "_handle_disconnect", None))

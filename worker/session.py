@@ -114,7 +114,10 @@ class LiveSession:
         """Join, play until something ends the session, leave; never raises."""
         self.started_at = time.monotonic()
         opts = self.options
-        self.audio_in = AvatarAudioIn(self_participant_id=opts.participant_id)
+        # Messages wait until the room has said who the agent is (or that it names none).
+        self.audio_in = AvatarAudioIn(
+            self_participant_id=opts.participant_id, hold_until_agent_known=True
+        )
         self.server = AvatarServer(
             None,
             audio_recv=self.audio_in,
@@ -137,11 +140,15 @@ class LiveSession:
     async def _join(self) -> Ended | None:
         """None once joined; else why the session ended before it started."""
         opts = self.options
+        # The listeners go in before the join starts: nothing the room sends while the SDK
+        # is joining is lost.  The room names the agent through on_agent.
         join = asyncio.ensure_future(
             self.transport.join(
                 participant_id=opts.participant_id,
                 audio_track=self.server.audio_track,
                 video_track=self.server.video_track,
+                listeners=[self.audio_in.listener, _ActivityListener(self._on_activity)],
+                on_agent=self.audio_in.set_agent,
             )
         )
         stop = asyncio.ensure_future(self._stop.wait())
@@ -164,8 +171,9 @@ class LiveSession:
         except JoinError as exc:
             logger.warning("join failed: %s", exc)
             return Ended("join failed", str(exc))
-        self.audio_in.set_meeting(meeting)
-        meeting.add_event_listener(_ActivityListener(self._on_activity))
+        self.audio_in.set_meeting(meeting, attach=False)
+        if self.transport.agent_id is None:
+            self.audio_in.agent_unknown()  # the room named no agent: the first sender is
         await self.server.start()
         self._fps_mark = (time.monotonic(), 0)
         self._report(Joined(time.monotonic() - self.started_at))
@@ -197,7 +205,7 @@ class LiveSession:
         if kind == "stop":
             return Ended(self._stop_reason)
         if kind == "transport":
-            return Ended(self.transport.close_reason or "room closed")
+            return Ended(self.transport.close_reason or "room closed", self.transport.close_detail)
         if kind == "idle":
             return Ended("idle", f"no message from the agent for {self.options.idle_timeout:g} s")
         error = first.exception() if not first.cancelled() else None

@@ -34,6 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..transports.base import (
+    REASON_AGENT_LEFT,
+    REASON_CONNECTION_LOST,
+    REASON_PEER_FAILED,
+    REASON_REMOVED,
+    REASON_ROOM_CLOSED,
+    REASON_ROOM_EMPTY,
+)
 from .config import DispatcherConfig
 from .messages import (
     Answer,
@@ -382,11 +390,7 @@ class SessionManager:
             del self._rooms[session.join.room_name]
         self.metrics.session_ended(session.id, _reason_label(reason))
         self._update_gauges()
-        log = (
-            logger.warning
-            if reason in ("crashed", "join failed", "join timed out", "start failed", "error")
-            else logger.info
-        )
+        log = logger.warning if reason in _WARN_REASONS else logger.info
         log(
             "session %s for room %r ended: %s%s",
             session.id,
@@ -493,10 +497,17 @@ class SessionManager:
         return self._rooms.get(room_name)
 
 
+# Every reason a session can end with, as a metrics label; "other" only for a reason that
+# is not listed here (a bug: add it).
 _REASONS = {
-    "agent left": "agent_left",
-    "room closed": "room_closed",
-    "room empty": "room_empty",
+    REASON_AGENT_LEFT: "agent_left",
+    REASON_ROOM_CLOSED: "room_closed",
+    REASON_ROOM_EMPTY: "room_empty",
+    REASON_REMOVED: "removed",
+    REASON_CONNECTION_LOST: "connection_lost",
+    REASON_PEER_FAILED: "peer_failed",
+    "stopped": "stopped",
+    "error": "error",
     "idle": "idle",
     "deleted": "deleted",
     "replaced": "replaced",
@@ -507,7 +518,21 @@ _REASONS = {
     "crashed": "crashed",
     "dispatcher gone": "dispatcher_gone",
     "terminated": "terminated",
+    "ended": "ended",
 }
+
+
+_WARN_REASONS = frozenset(
+    {
+        "crashed",
+        "join failed",
+        "join timed out",
+        "start failed",
+        "error",
+        REASON_CONNECTION_LOST,
+        REASON_PEER_FAILED,
+    }
+)
 
 
 def _reason_label(reason: str) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from vsaiortc import RTCPeerConnection, RTCSessionDescription
 
 from ..webrtc_loopback import DataChannelMeeting, new_peer_connection
-from .base import JoinError, Meeting, RoomTransport
+from .base import REASON_AGENT_LEFT, REASON_PEER_FAILED, JoinError, Meeting, RoomTransport
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,15 @@ class WebRtcLoopbackTransport(RoomTransport):
         self._meeting: DataChannelMeeting | None = None
         self._participant_id: str | None = None
         self._tracks: tuple[Any, Any] | None = None
+        self._listeners: tuple[Any, ...] = ()
         self._tracks_ready = asyncio.Event()
         self._connected = asyncio.Event()
 
-    async def join(self, *, participant_id: str, audio_track: Any, video_track: Any) -> Meeting:
+    async def _join(
+        self, *, participant_id: str, audio_track: Any, video_track: Any, listeners: Sequence[Any]
+    ) -> Meeting:
         self._participant_id = participant_id
+        self._listeners = tuple(listeners)
         self._tracks = (audio_track, video_track)
         self._tracks_ready.set()
         try:
@@ -56,7 +61,9 @@ class WebRtcLoopbackTransport(RoomTransport):
         assert self._tracks is not None and self._participant_id is not None
         pc = self._pc = new_peer_connection()
         meeting = DataChannelMeeting(self._participant_id, participant_id)
-        self.set_agent(participant_id)
+        for listener in self._listeners:  # before any channel can open
+            meeting.add_event_listener(listener)
+        self._name_agent(participant_id)  # the peer that offers is the agent
         pc.on("datachannel", meeting.attach)
         pc.on("connectionstatechange", lambda: self._on_state(pc))
         try:
@@ -76,12 +83,15 @@ class WebRtcLoopbackTransport(RoomTransport):
         self._meeting = meeting
         self._connected.set()
         await meeting.closed.wait()
-        self._close("agent left")
+        self._close(REASON_AGENT_LEFT, "the agent's data channel closed")
 
     def _on_state(self, pc: RTCPeerConnection) -> None:
         logger.debug("peer connection state: %s", pc.connectionState)
         if pc.connectionState in ("failed", "closed"):
-            self._close("agent left" if self._connected.is_set() else "peer connection failed")
+            if self._connected.is_set():
+                self._close(REASON_AGENT_LEFT, f"the peer connection is {pc.connectionState}")
+            else:
+                self._close(REASON_PEER_FAILED, f"the peer connection is {pc.connectionState}")
 
     async def leave(self) -> None:
         pc, self._pc = self._pc, None
