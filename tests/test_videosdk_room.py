@@ -7,7 +7,9 @@ import contextlib
 import fractions
 import json
 import logging
+import os
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -402,3 +404,74 @@ async def test_room_survives_garbage(room: LoopbackVideoSdkRoom, meetings: list[
     # the room still works
     await join(room, meetings, "after-garbage")
     assert room.peers(ROOM)["after-garbage"].joined
+
+
+SUBPROCESS_CLIENT = """
+import asyncio, sys
+import aioice.ice
+# aioice skips 127.0.0.1 when gathering; the room only listens there
+aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
+from videosdk import MeetingEventHandler, VideoSDK
+
+class Events(MeetingEventHandler):
+    def on_data(self, data):
+        print("DATA", data["from"], data["payload"], flush=True)
+
+async def main():
+    meeting = VideoSDK.init_meeting(
+        meeting_id=sys.argv[2], token="t", participant_id="sub-agent", name="Sub",
+        mic_enabled=False, webcam_enabled=False, signaling_base_url=sys.argv[1],
+        peer_type="agent",
+    )
+    meeting.add_event_listener(Events())
+    await meeting.async_join()
+    client = meeting._Meeting__room_client
+    while client._RoomClient__send_transport.connectionState != "connected":
+        await asyncio.sleep(0.02)
+    print("READY", flush=True)
+    await meeting.send("from-subprocess", {"reliability": "RELIABLE"})
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await client.async_leave()
+    print("LEFT", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_subprocess_client(room: LoopbackVideoSdkRoom, meetings: list[Any]) -> None:
+    avatar, events = await join(room, meetings, "avatar")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUBPROCESS_CLIENT,
+        room.host,
+        ROOM,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **room.client_env()},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        async with asyncio.timeout(30):
+            assert (await proc.stdout.readline()).strip() == b"READY"
+        await room.wait_for_peer(ROOM, "sub-agent")
+        await until(lambda: events.named("agent-joined") and events.data)
+        assert events.named("agent-joined")[0].id == "sub-agent"
+        assert events.data[0]["payload"] == "from-subprocess"
+        assert events.data[0]["from"] == "sub-agent"
+        # the subprocess hears the in-process peer too
+        await until_sendable(avatar)
+        await avatar.send("to-subprocess", {"reliability": "RELIABLE"})
+        async with asyncio.timeout(10):
+            assert (await proc.stdout.readline()).strip() == b"DATA avatar to-subprocess"
+        proc.stdin.write(b"leave\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(10):
+            assert (await proc.stdout.readline()).strip() == b"LEFT"
+        await room.wait_for_peer_left(ROOM, "sub-agent")
+        await until(lambda: events.named("agent-left"))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
