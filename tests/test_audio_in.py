@@ -249,6 +249,53 @@ async def test_first_protocol_sender_is_the_agent() -> None:
     assert len(queued(audio_in)) == 1
 
 
+async def test_messages_wait_until_the_room_names_the_agent() -> None:
+    audio_in, meeting = receiver(hold_until_agent_known=True)
+    meeting.deliver("hello, anyone?", sender="a-person")  # a chat line: would pass for PCM
+    meeting.deliver(pcm(speech(480)), sender=AGENT)
+    meeting.deliver(protocol.segment_end(), sender=AGENT)
+    assert queued(audio_in) == [] and audio_in.stats["held"] == 3
+    audio_in.set_agent(AGENT)
+    assert audio_in.agent_participant_id == AGENT
+    assert audio_in.stats["ignored"] == 1  # the person, although they spoke first
+    await asyncio.sleep(GRACE * 2)
+    items = queued(audio_in)
+    assert len(items) == 2 and isinstance(items[1], AudioSegmentEnd)  # in order
+
+
+async def test_a_room_without_an_agent_falls_back_to_the_first_sender() -> None:
+    audio_in, meeting = receiver(hold_until_agent_known=True)
+    meeting.deliver(pcm(speech(480)), sender="first")
+    meeting.deliver(pcm(speech(480)), sender="second")
+    audio_in.agent_unknown()
+    assert audio_in.agent_participant_id == "first"
+    assert len(queued(audio_in)) == 1
+    audio_in.set_agent("second")  # the room names one later: it takes over
+    meeting.deliver(pcm(speech(480)), sender="first")
+    meeting.deliver(pcm(speech(480)), sender="second")
+    assert len(queued(audio_in)) == 1
+
+
+async def test_held_messages_are_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(audio_in_module, "MAX_HELD_BYTES", 2000)
+    audio_in, meeting = receiver(hold_until_agent_known=True)
+    for _ in range(3):
+        meeting.deliver(pcm(speech(480)), sender=AGENT)  # 960 bytes each
+    assert audio_in.stats["held"] == 2 and audio_in.stats["dropped_while_held"] == 1
+    audio_in.set_agent(AGENT)
+    assert len(queued(audio_in)) == 2
+
+
+async def test_a_listener_given_to_the_room_before_the_join_is_not_added_twice() -> None:
+    meeting = FakeMeeting()
+    audio_in = AvatarAudioIn(self_participant_id=AVATAR)
+    meeting.add_event_listener(audio_in.listener)  # the transport did it before joining
+    audio_in.set_meeting(meeting, attach=False)
+    assert meeting.listeners == [audio_in.listener]
+    await audio_in.aclose()
+    assert meeting.listeners == []
+
+
 def test_the_agent_identification_rule_is_documented() -> None:
     doc = audio_in_module.__doc__ or ""
     assert "agent_participant_id" in doc and "first participant" in doc
