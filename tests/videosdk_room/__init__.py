@@ -1,7 +1,8 @@
 """A loopback VideoSDK room for tests (docstring completed below)."""
 
+from .init_config import encrypt_ice_servers
 from .records import DataMessage, MediaFrame, PeerRecord, ProducerRecord
-from .server import LoopbackVideoSdkRoom, encrypt_ice_servers
+from .server import LoopbackVideoSdkRoom
 from .transports import loopback_ice, patch_loopback_ice
 
 __all__ = [
