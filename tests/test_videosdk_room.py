@@ -475,3 +475,30 @@ async def test_subprocess_client(room: LoopbackVideoSdkRoom, meetings: list[Any]
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+@pytest.mark.slow
+async def test_sdk_on_a_graceful_close_and_a_refused_produce(
+    room: LoopbackVideoSdkRoom, meetings: list[Any]
+) -> None:
+    # A refused produce: the SDK reports an error but still "joins" and keeps no producer.
+    room.fail_requests["produce"] = (403, "no media for you")
+    meeting, events = await join(room, meetings, "refused", mic=True)
+    assert events.named("error") == ["Error while Producing Media", "Not Able to Enable Mic"]
+    assert room.peers(ROOM)["refused"].producers == {}
+    assert events.named("meeting-joined")
+    room.fail_requests.clear()
+
+    # A clean close frame from the room is silent in the SDK: no error, no meeting-left.
+    await room.kick(ROOM, "refused", abrupt=False)
+    websocket = room_client(meeting)._RoomClient__websocket
+    await until(lambda: websocket.state.name == "CLOSED")
+    await asyncio.sleep(0.3)
+    assert not events.named("meeting-left")
+    assert len(events.named("error")) == 2  # nothing new
+
+    # the "close" request makes the SDK leave by itself
+    _, other_events = await join(room, meetings, "closable")
+    await room.close_peer(ROOM, "closable")
+    await room.wait_for_peer_left(ROOM, "closable", timeout=10)
+    await until(lambda: other_events.named("meeting-left"))

@@ -67,6 +67,8 @@ class LoopbackVideoSdkRoom(Sfu):
         self._relay = MediaRelay()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.protocol_errors: list[str] = []  # garbage the room ignored, for tests
+        # method -> (errorCode, errorReason): answer those requests ok: false (failure paths)
+        self.fail_requests: dict[str, tuple[int, str]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -350,6 +352,8 @@ class LoopbackVideoSdkRoom(Sfu):
         try:
             if not isinstance(data, dict):
                 data = {}
+            if str(method) in self.fail_requests:
+                raise Reject(*self.fail_requests[str(method)])
             handler = self._handlers.get(str(method))
             result: Any = {}
             if handler is not None:
