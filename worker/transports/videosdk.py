@@ -342,6 +342,11 @@ class VideoSdkTransport(RoomTransport):
         finally:
             if waits and waits[0] is not message_loop:
                 waits[0].cancel()
+        if getattr(client, "_closed", False) is True:
+            # The SDK is leaving by itself: the room sent protoo "close" (its leave closes
+            # the websocket before it emits meeting-left).
+            self._close(REASON_ROOM_CLOSED, "the room asked us to leave")
+            return
         code = getattr(websocket, "close_code", None)
         how = f"closed with code {code}" if code is not None else "ended"
         detail = f"the connection to the room was lost (websocket {how})"
