@@ -21,6 +21,7 @@ from worker.dispatcher.sessions import _reason_label
 from worker.listeners import RoomListener
 from worker.transports import base
 from worker.transports.base import JoinError
+from worker.transports.sdk_errors import SdkErrorLog
 from worker.transports.videosdk import VideoSdkTransport
 
 AVATAR, AGENT, PERSON = "avatar", "agent-7", "user-1"
@@ -282,3 +283,18 @@ def test_every_end_reason_has_a_metrics_label() -> None:
     assert len(reasons) >= 6
     for reason in [*reasons, "stopped", "error", "idle", "join failed", "join timed out"]:
         assert _reason_label(reason) != "other", reason
+
+
+def test_the_sdks_cause_is_captured_even_when_its_logging_is_turned_down() -> None:
+    sdk = logging.getLogger("videosdk")
+    level, propagate = sdk.level, sdk.propagate
+    sdk.setLevel(logging.CRITICAL)
+    try:
+        log = SdkErrorLog()
+        with log.capture():
+            logging.getLogger("videosdk.room_client").error("RTC :: the root cause")
+            logging.getLogger("videosdk.room_client").error("Failed to Join :: an effect")
+        assert log.cause() == "RTC :: the root cause"
+        assert (sdk.level, sdk.propagate) == (logging.CRITICAL, propagate)  # restored
+    finally:
+        sdk.setLevel(level)

@@ -59,11 +59,18 @@ class SdkErrorLog:
         handler = _Collect()
         handler.messages = self.messages
         logger = logging.getLogger(SDK_LOGGER)
+        saved = logger.level, logger.propagate
+        if not logger.isEnabledFor(logging.ERROR):
+            # Logging is turned down: capture anyway, without showing what nobody asked for.
+            logger.setLevel(logging.ERROR)
+            logger.propagate = False
         logger.addHandler(handler)
         try:
             yield self
         finally:
             logger.removeHandler(handler)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
 
     def cause(self) -> str | None:
         """The most specific record: the first one (the root cause precedes its effects)."""
