@@ -40,6 +40,7 @@ class Producer:
     record: ProducerRecord
     consumers: set[Consumer] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    frames: int = 0  # decoded so far (when recorded)
     closed: bool = False
 
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 MediaSink = Callable[[str, str, str, MediaFrame], None]  # (room, peer, kind, frame)
 CONNECT_TIMEOUT = 20.0
+KEYFRAME_REQUESTS = 40  # PLIs sent until a new video producer's first frame decodes
+KEYFRAME_INTERVAL = 0.25
 
 
 class Sfu:
@@ -171,14 +173,11 @@ class Sfu:
         return {"id": producer_id}, after
 
     async def _run_producer(self, producer: Producer, params: Any) -> None:
-        try:
-            await asyncio.wait_for(producer.transport.connected.wait(), CONNECT_TIMEOUT)
-        except TimeoutError:
-            logger.warning("producer %s: transport never connected", producer.id)
-            return
-        if producer.closed:
-            return
+        # Register at once: the client's RTP flows from its DTLS handshake on, often
+        # before this request, and packets for an unregistered SSRC are dropped.
         await producer.receiver.receive(params)
+        if producer.kind == "video":
+            self._spawn(producer.tasks, self._request_keyframes(producer, params))
         if not self._record_media and self._sink == self._record_frame:
             return
         proxy = self._relay.subscribe(producer.track, buffered=True)
@@ -189,6 +188,7 @@ class Sfu:
                     frame = await proxy.recv()
                 except MediaStreamError:
                     break
+                producer.frames += 1
                 if kind == "audio":
                     data: Any = reduce_audio(frame)
                     rate: int | None = frame.sample_rate
@@ -208,6 +208,20 @@ class Sfu:
                 )
         finally:
             proxy.stop()
+
+    async def _request_keyframes(self, producer: Producer, params: Any) -> None:
+        """PLI until a frame decodes: the first keyframe may have arrived unregistered."""
+        try:
+            await asyncio.wait_for(producer.transport.connected.wait(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            logger.warning("producer %s: transport never connected", producer.id)
+            return
+        for _ in range(KEYFRAME_REQUESTS):
+            if producer.closed or producer.frames > 0:
+                return
+            for encoding in params.encodings:
+                await producer.receiver._send_rtcp_pli(encoding.ssrc)
+            await asyncio.sleep(KEYFRAME_INTERVAL)
 
     async def _on_close_producer(self, peer: Peer, data: dict[str, Any]) -> dict[str, Any]:
         producer = peer.producers.pop(str(data.get("producerId")), None)
