@@ -180,11 +180,19 @@ def room_client(meeting: Any) -> Any:
     return meeting._Meeting__room_client
 
 
+def sendable(client: Any) -> bool:
+    """send() raises until the send transport is connected and the data channel is open."""
+    producers = (client._reliable_data_producer, client._unreliable_data_producer)
+    return client._RoomClient__send_transport.connectionState == "connected" and all(
+        p is not None and p.readyState == "open" for p in producers
+    )
+
+
 async def until_sendable(meeting: Any, timeout: float = 10.0) -> float:
-    """async_join() returns before the send transport is connected; send() raises until it is."""
+    """async_join() returns before meeting.send() can work; wait until it can."""
     t0 = time.monotonic()
     client = room_client(meeting)
-    await until(lambda: client._RoomClient__send_transport.connectionState == "connected", timeout)
+    await until(lambda: sendable(client), timeout)
     return time.monotonic() - t0
 
 
@@ -426,7 +434,10 @@ async def main():
     meeting.add_event_listener(Events())
     await meeting.async_join()
     client = meeting._Meeting__room_client
-    while client._RoomClient__send_transport.connectionState != "connected":
+    # send() raises until the send transport is connected AND the data channel is open
+    while client._RoomClient__send_transport.connectionState != "connected" or (
+        client._reliable_data_producer.readyState != "open"
+    ):
         await asyncio.sleep(0.02)
     print("READY", flush=True)
     await meeting.send("from-subprocess", {"reliability": "RELIABLE"})

@@ -72,20 +72,35 @@ class DataConsumer:
     peer: Peer
     channel: RTCDataChannel
     pending: list[bytes | str] = field(default_factory=list)
+    # The client answered newDataConsumer: its channel exists.  Before that, data on
+    # the stream would reach an SCTP stream the client does not know and be lost.
+    accepted: bool = False
+
+    @property
+    def sendable(self) -> bool:
+        return self.accepted and self.channel.readyState == "open"
 
     def deliver(self, message: bytes | str) -> None:
-        if self.channel.readyState == "open":
-            try:
-                self.channel.send(message)
-            except Exception:
-                logger.debug("data consumer %s: send failed", self.id, exc_info=True)
-        elif self.channel.readyState == "connecting" and len(self.pending) < MAX_PENDING_DATA:
+        if self.sendable and not self.pending:
+            self._send(message)
+        elif (
+            self.channel.readyState in ("connecting", "open")
+            and len(self.pending) < MAX_PENDING_DATA
+        ):
             self.pending.append(message)
 
     def flush(self) -> None:
+        if not self.sendable:
+            return
         pending, self.pending = self.pending, []
         for message in pending:
-            self.deliver(message)
+            self._send(message)
+
+    def _send(self, message: bytes | str) -> None:
+        try:
+            self.channel.send(message)
+        except Exception:
+            logger.debug("data consumer %s: send failed", self.id, exc_info=True)
 
 
 @dataclass(eq=False)

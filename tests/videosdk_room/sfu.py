@@ -401,6 +401,9 @@ class Sfu:
         except Exception as exc:
             logger.info("peer %s did not take data consumer: %r", peer.peer_id, exc)
             producer.consumers.pop(peer.peer_id, None)
+            return
+        consumer.accepted = True
+        consumer.flush()
 
     async def _on_ok(self, peer: Peer, data: dict[str, Any]) -> dict[str, Any]:
         return {}
