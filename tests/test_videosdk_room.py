@@ -513,3 +513,20 @@ async def test_sdk_on_a_graceful_close_and_a_refused_produce(
     await room.close_peer(ROOM, "closable")
     await room.wait_for_peer_left(ROOM, "closable", timeout=10)
     await until(lambda: other_events.named("meeting-left"))
+
+
+@pytest.mark.slow
+async def test_forward_media_off_still_records(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, meetings: list[Any]
+) -> None:
+    async with LoopbackVideoSdkRoom(tmp_path, forward_media=False) as quiet:
+        for key, value in quiet.client_env().items():
+            monkeypatch.setenv(key, value)
+        await join(quiet, meetings, "avatar", webcam=True, custom_camera_video_track=GrayTrack())
+        viewer, _ = await join(quiet, meetings, "viewer")
+        frames = await quiet.wait_for_media(ROOM, "avatar", "video", count=3)
+        assert frames[0].data.shape == (240, 320)  # default reducer: the gray frame
+        await until(lambda: len(room_client(viewer)._RoomClient__data_consumers) == 2)
+        assert room_client(viewer)._RoomClient__consumers == {}
+        for meeting in meetings:
+            await room_client(meeting).async_leave()

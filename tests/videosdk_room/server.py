@@ -39,6 +39,12 @@ class LoopbackVideoSdkRoom(Sfu):
 
     ``host`` is what clients pass as ``signaling_base_url``.  See the package
     docstring for the messages it speaks and what it does not model.
+
+    ``tmp_dir``: where the CA and server certificate go (a new temp dir if None).
+    ``video_reducer(frame)``: what is kept per recorded video frame (default: the
+    gray ndarray).  ``sink(room, peer, kind, MediaFrame)``: replaces recording.
+    ``record_media=False``: nothing is decoded for recording.  ``forward_media=False``:
+    no newConsumer is sent (saves the relay's decode + re-encode per consumer).
     """
 
     def __init__(
@@ -48,11 +54,13 @@ class LoopbackVideoSdkRoom(Sfu):
         video_reducer: VideoReducer | None = None,
         sink: MediaSink | None = None,
         record_media: bool = True,
+        forward_media: bool = True,
     ) -> None:
         self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.mkdtemp())
         self._video_reducer = video_reducer or reduce_video_gray
         self._sink: MediaSink = sink or self._record_frame
         self._record_media = record_media
+        self._forward_media = forward_media  # False: no newConsumer (saves re-encoding)
         self._certs: CertFiles | None = None
         self._runner: web.AppRunner | None = None
         self._http: ConfigServer | None = None

@@ -41,6 +41,7 @@ class Sfu:
     _relay: MediaRelay
     _sink: MediaSink
     _record_media: bool
+    _forward_media: bool
     _video_reducer: VideoReducer
     _data: dict[str, list[DataMessage]]
     _tasks: set[asyncio.Task[Any]]
@@ -257,7 +258,7 @@ class Sfu:
     async def _consume(self, peer: Peer, producer: Producer) -> None:
         """newConsumer: relay the producer's decoded track to ``peer``'s recv transport."""
         transport = peer.recv_transport
-        if transport is None or peer.closed or producer.closed:
+        if not self._forward_media or transport is None or peer.closed or producer.closed:
             return
         track = self._relay.subscribe(producer.track, buffered=False)
         sender = RTCRtpSender(track, transport.dtls)
