@@ -6,10 +6,11 @@ Usage (Python 3.12 with ``videosdk-agents`` installed)::
         --avatar-id ID --avatar-token JWT --agent-token TOKEN
 
 Nothing here stands in for the agent: ``JobContext.connect()`` does what it does
-in production.  It POSTs the avatar's join to the dispatcher
-(``AvatarAudioOut.connect()``), joins the room with the ``videosdk`` SDK through
-its own room layer (``VideoSDKHandler``, peer type ``agent``) and, once joined,
-hands the meeting to ``AvatarAudioOut._set_meeting`` (``notify_meeting_joined``).
+in production (the context is made current, as ``WorkerJob`` does).  It POSTs
+the avatar's join to the dispatcher (``AvatarAudioOut.connect()``), joins the
+room with the ``videosdk`` SDK through its own room layer (``VideoSDKHandler``,
+peer type ``agent``) and, once joined, hands the meeting to
+``AvatarAudioOut._set_meeting`` (``notify_meeting_joined``).
 The only changes to the process: ICE host candidates are gathered on 127.0.0.1
 (aioice skips loopback by default) and the test's CA is trusted through
 ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``, set by the test.
@@ -21,8 +22,10 @@ Commands, one JSON object a line on stdin::
 
 ``speak`` hands the audio to ``AvatarAudioOut.handle_audio_input`` in chunks of
 ``chunk_ms`` (as a TTS sink does), ``pace`` times faster than real time (0: all
-at once).  Events, one JSON object a line on stdout, each with ``t``
-(``time.monotonic()``, comparable across processes on Linux)::
+at once), in the background; the next command waits for it, except
+``interrupt``, which cancels it first (a barge-in stops synthesis).  Events, one
+JSON object a line on stdout, each with ``t`` (``time.monotonic()``, comparable
+across processes on Linux)::
 
     {"ev": "joined"}   {"ev": "done", "op": ...}   {"ev": "ack", "position": s, "interrupted": b}
     {"ev": "error", "message": ...}
@@ -41,6 +44,7 @@ from typing import Any
 import aioice.ice
 from videosdk.agents import JobContext, RoomOptions
 from videosdk.agents.avatar import AvatarAudioOut, AvatarAuthCredentials
+from videosdk.agents.job import _set_current_job_context
 
 SAMPLE_RATE = 24_000
 
@@ -96,6 +100,7 @@ async def main() -> int:
             no_participant_timeout_seconds=None,
         )
     )
+    _set_current_job_context(ctx)  # what WorkerJob does before it runs an entrypoint
     try:
         await ctx.connect()
         if not await ctx.wait_for_meeting_joined(timeout=30):
@@ -109,12 +114,21 @@ async def main() -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    speaking: asyncio.Task | None = None
     while line := await reader.readline():
         command = json.loads(line)
         op = command["op"]
         if op == "speak":
-            await speak(out, command)
-        elif op == "segment_end":
+            speaking = asyncio.create_task(speak(out, command))
+            speaking.add_done_callback(
+                lambda task: emit("done", op="speak", cancelled=task.cancelled())
+            )
+            continue
+        if speaking is not None and not speaking.done():
+            if op == "interrupt":  # a barge-in cancels synthesis, then tells the avatar
+                speaking.cancel()
+            await asyncio.wait({speaking})
+        if op == "segment_end":
             await out.send_segment_end()
         elif op == "interrupt":
             await out.interrupt()
