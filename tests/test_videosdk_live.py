@@ -548,11 +548,10 @@ async def test_interrupt_silences_within_one_frame(live: Run) -> None:
 
     Measured from the moment the room relayed INTERRUPT to the avatar: the agent's
     SCTP queue holds it behind the audio sent before it (one association carries
-    both channels), which is the agent's transport, not the avatar.  The room's
-    receiver adds its jitter buffer's delay to every arrival, so the
-    send time of each audio frame is taken from its RTP timestamp: ``pts / rate +
-    T0``, with ``T0`` the earliest ``arrival - pts / rate`` of the run (the least
-    delayed frame).
+    both channels), which is the agent's transport, not the avatar.  The time of
+    each sample is taken from its RTP timestamp: ``pts / rate + T0``, with ``T0``
+    the earliest ``arrival - pts / rate`` of the run (the least delayed frame), so
+    it includes the avatar's encoder and the room's decoder but no queueing.
     """
     i = next(i for i, s in enumerate(live.segments) if s.interrupted_at is not None)
     segment, next_turn = live.segments[i], live.segments[i + 1].sent_at
@@ -560,19 +559,21 @@ async def test_interrupt_silences_within_one_frame(live: Run) -> None:
     interrupted_at = segment.interrupt_relayed_at
     assert next_turn - interrupted_at > 0.4  # room for speech that should not be there
     t0 = min(f.arrival - f.pts / AUDIO_RATE for f in live.audio)
-    sent = np.array([f.pts / AUDIO_RATE + t0 for f in live.audio])
-    speech = np.array([np.sqrt(np.mean(f.data.astype(float) ** 2)) > 300 for f in live.audio])
-    window = (sent > interrupted_at - 0.5) & (sent < next_turn)
-    assert speech[window & (sent < interrupted_at)].any(), "no speech before the interrupt"
-    ends = sent[window & speech] + 0.020
-    after = float(ends.max() - interrupted_at)
+    loud = [
+        (f.pts + int(np.flatnonzero(np.abs(f.data) > 800)[-1])) / AUDIO_RATE + t0
+        for f in live.audio
+        if (np.abs(f.data) > 800).any()
+    ]
+    window = [t for t in loud if interrupted_at - 0.5 < t < next_turn]
+    assert min(window) < interrupted_at, "no speech before the interrupt"
+    after = max(window) - interrupted_at
     queued = (segment.interrupt_relayed_at - segment.interrupted_at) * 1000
     print(
         f"interrupt -> silence: the avatar sent {after * 1000:.0f} ms of speech after the room "
         f"relayed INTERRUPT ({queued:.0f} ms after the agent sent it, queued behind its audio)"
     )
-    # One frame, plus the last hop from the room to the avatar.
-    assert after <= 1 / FPS + 0.005, f"{after * 1000:.0f} ms of speech after INTERRUPT"
+    # One frame, plus the room -> avatar hop and the Opus encoder's and decoder's delay.
+    assert after <= 1 / FPS + 0.010, f"{after * 1000:.0f} ms of speech after INTERRUPT"
 
 
 async def test_receiver_gets_25_fps(live: Run) -> None:
@@ -633,14 +634,18 @@ async def test_session_memory_is_flat_while_agent_audio_arrives(live: Run) -> No
     )
 
 
+@pytest.mark.parametrize("when", ["live", "joining"])
 async def test_the_room_dropping_the_avatar_frees_the_slot_within_5_s(
-    room: LoopbackVideoSdkRoom, avatar_server: AvatarServer
+    room: LoopbackVideoSdkRoom, avatar_server: AvatarServer, when: str
 ) -> None:
-    room_id, avatar_id = "kick-room", "avatar-kick"
+    """The room drops the avatar once it publishes, or as soon as its join was answered."""
+    room_id, avatar_id = f"kick-{when}", f"avatar-kick-{when}"
     agent = await LiveAgent.start(room, room_id, f"{avatar_server.url}/launch", avatar_id)
     try:
         await agent.wait_for("joined", timeout=90)
         await room.wait_for_peer(room_id, avatar_id, timeout=60)
+        if when == "live":
+            await room.wait_for_media(room_id, avatar_id, "video", timeout=30)
         free_before = (await avatar_server.sessions())["free_slots"]
         await room.kick(room_id, avatar_id)
         kicked = time.monotonic()
@@ -652,7 +657,7 @@ async def test_the_room_dropping_the_avatar_frees_the_slot_within_5_s(
                 break
             await asyncio.sleep(0.05)
         print(f"room dropped the avatar -> slot free after {gone} s")
-        assert gone is not None and gone <= 5.0
+        assert gone is not None and gone <= 5.0, avatar_server.logs()
         assert (await avatar_server.sessions())["free_slots"] == free_before + 1
     finally:
         await agent.close()

@@ -95,6 +95,9 @@ Not modelled:
   estimation, no keyframe requests between producer and consumer sides.  Media is
   decoded and re-encoded (a decoding relay, not packet forwarding), so consumers
   see re-encoded frames and extra latency.
+* the room decodes published audio without aiortc's 80 ms jitter-buffer prefetch,
+  so a recorded frame's arrival is its packets' arrival (a browser would add
+  its own playout delay).
 * consumers are never paused (resumeConsumer is a no-op), no consumer layers,
   scores, active speaker, recording, transcription, pubsub, chat history,
   participant media-state notifications, statsData requests.

@@ -10,7 +10,6 @@ from typing import Any
 from aiohttp import web
 from vsaiortc import RTCDataChannel, RTCRtpReceiver, RTCRtpSender
 from vsaiortc.mediastreams import MediaStreamTrack
-from vsaiortc.rtcrtpreceiver import RemoteStreamTrack
 
 from .records import PeerRecord, ProducerRecord
 from .transports import ServerTransport
@@ -36,7 +35,7 @@ class Producer:
     app_data: dict[str, Any]
     transport: ServerTransport
     receiver: RTCRtpReceiver
-    track: RemoteStreamTrack
+    track: MediaStreamTrack  # the decoded track, tapped by the recorder (sfu.TappedTrack)
     record: ProducerRecord
     consumers: set[Consumer] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)

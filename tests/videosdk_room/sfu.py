@@ -13,7 +13,8 @@ from typing import Any
 
 from vsaiortc import RTCDataChannel, RTCDataChannelParameters, RTCRtpReceiver, RTCRtpSender
 from vsaiortc.contrib.media import MediaRelay
-from vsaiortc.mediastreams import MediaStreamError
+from vsaiortc.jitterbuffer import JitterBuffer
+from vsaiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from vsaiortc.rtcrtpreceiver import RemoteStreamTrack
 
 from .peers import Consumer, DataConsumer, DataProducer, Peer, Producer, Reject
@@ -32,6 +33,30 @@ MediaSink = Callable[[str, str, str, MediaFrame], None]  # (room, peer, kind, fr
 CONNECT_TIMEOUT = 20.0
 KEYFRAME_REQUESTS = 40  # PLIs sent until a new video producer's first frame decodes
 KEYFRAME_INTERVAL = 0.25
+
+
+class TappedTrack(MediaStreamTrack):
+    """A producer's decoded track that shows each frame to ``on_frame`` before anyone else.
+
+    Consumers' senders re-encode the very frame objects the relay hands out, and
+    PyAV's encoder rebases a frame's ``pts`` to its own time base in place, so
+    the recorder must read a frame before the relay passes it on.
+    """
+
+    def __init__(self, source: MediaStreamTrack, on_frame: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.kind = source.kind
+        self._source = source
+        self._on_frame = on_frame
+
+    async def recv(self) -> Any:
+        frame = await self._source.recv()
+        self._on_frame(frame)
+        return frame
+
+    def stop(self) -> None:
+        self._source.stop()
+        super().stop()
 
 
 class Sfu:
@@ -140,6 +165,10 @@ class Sfu:
         except (KeyError, TypeError, ValueError, StopIteration) as exc:
             raise Reject(400, f"bad rtpParameters: {exc}") from None
         receiver = RTCRtpReceiver(kind, transport.dtls)
+        if kind == "audio":
+            # aiortc holds 4 packets (80 ms) back before decoding audio; without that
+            # prefetch a frame's arrival is when its packet arrived (loopback: no jitter).
+            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=0)
         track = RemoteStreamTrack(kind=kind, track_buffer_size=256)
         receiver._track = track
         receiver._set_rtcp_ssrc(random.randint(1, 2**32 - 1))
@@ -162,6 +191,7 @@ class Sfu:
             track=track,
             record=record,
         )
+        producer.track = TappedTrack(track, lambda frame: self._on_frame(producer, frame))
         peer.producers[producer_id] = producer
         peer.record.producers[producer_id] = record
         self._spawn(producer.tasks, self._run_producer(producer, params))
@@ -181,34 +211,30 @@ class Sfu:
             self._spawn(producer.tasks, self._request_keyframes(producer, params))
         if not self._record_media and self._sink == self._record_frame:
             return
+        # Keeps frames flowing (and recorded, by the tap) whether or not anyone consumes.
         proxy = self._relay.subscribe(producer.track, buffered=True)
-        room_id, peer_id, kind = producer.peer.room_id, producer.peer.peer_id, producer.kind
         try:
             while True:
                 try:
-                    frame = await proxy.recv()
+                    await proxy.recv()
                 except MediaStreamError:
                     break
-                producer.frames += 1
-                if kind == "audio":
-                    data: Any = reduce_audio(frame)
-                    rate: int | None = frame.sample_rate
-                else:
-                    data, rate = self._video_reducer(frame), None
-                self._sink(
-                    room_id,
-                    peer_id,
-                    kind,
-                    MediaFrame(
-                        arrival=now(),
-                        pts=frame.pts,
-                        time_base=frame.time_base,
-                        data=data,
-                        sample_rate=rate,
-                    ),
-                )
         finally:
             proxy.stop()
+
+    def _on_frame(self, producer: Producer, frame: Any) -> None:
+        producer.frames += 1
+        if not self._record_media and self._sink == self._record_frame:
+            return
+        if producer.kind == "audio":
+            data: Any = reduce_audio(frame)
+            rate: int | None = frame.sample_rate
+        else:
+            data, rate = self._video_reducer(frame), None
+        media = MediaFrame(
+            arrival=now(), pts=frame.pts, time_base=frame.time_base, data=data, sample_rate=rate
+        )
+        self._sink(producer.peer.room_id, producer.peer.peer_id, producer.kind, media)
 
     async def _request_keyframes(self, producer: Producer, params: Any) -> None:
         """PLI until a frame decodes: the first keyframe may have arrived unregistered."""

@@ -213,16 +213,28 @@ class VideoSdkTransport(RoomTransport):
         try:
             with self._sdk_log.capture(), _prefetched_server_config(config):
                 self._join_task = loop.create_task(self.meeting.async_join())
+                # The SDK waits 15 s for each answer of a room that has gone: do not.
+                lost = loop.create_task(self._signalling_closed())
                 try:
-                    await asyncio.wait_for(
-                        asyncio.shield(self._join_task), max(0.0, deadline - loop.time())
+                    done, _ = await asyncio.wait(
+                        {self._join_task, lost},
+                        timeout=max(0.0, deadline - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
-                except TimeoutError:
+                finally:
+                    lost.cancel()
+                if not done:
                     await self._abandon()
                     raise JoinError(
                         f"joining room {room!r} took longer than {self.join_timeout:g} s"
                         + self._sdk_cause()
-                    ) from None
+                    )
+                if self._join_task not in done:
+                    await self._abandon()
+                    raise JoinError(
+                        f"the room closed the connection while joining room {room!r} "
+                        f"({lost.result()})" + self._sdk_cause()
+                    )
         except asyncio.CancelledError:
             # Stopped while joining: cancel the SDK's join and close what it opened, so the
             # room sees our websocket close and drops us (no ghost participant).
@@ -238,6 +250,13 @@ class VideoSdkTransport(RoomTransport):
             )
         self._watch_connection()
         return self.meeting
+
+    async def _signalling_closed(self) -> str:
+        """How the SDK's websocket closed, once it has opened and closed."""
+        while (websocket := getattr(self._room_client, "_RoomClient__websocket", None)) is None:
+            await asyncio.sleep(0.05)
+        await websocket.wait_closed()
+        return f"websocket closed with code {getattr(websocket, 'close_code', None)}"
 
     def _sdk_cause(self) -> str:
         cause = self._sdk_log.cause()
