@@ -173,6 +173,19 @@ async def test_stop_during_the_join_leaves_no_ghost() -> None:
     await transport.leave()  # idempotent
 
 
+async def test_a_websocket_lost_while_joining_fails_the_join_at_once() -> None:
+    """The SDK would wait 15 s for each answer of a room that has gone; the join must not."""
+    transport, made = transport_for(JoinScript(hang=True))
+    joining = asyncio.ensure_future(join(transport))
+    await wait_for(lambda: made and room_client(made[0]).join_started.is_set())
+    client = room_client(made[0])
+    client.websocket.drop(1006)
+    with pytest.raises(base.JoinError, match="closed the connection while joining.*1006"):
+        await asyncio.wait_for(joining, 2)
+    assert all(t.closed for t in client.transports)
+    assert transport.meeting is None
+
+
 # -- what ends a joined session ----------------------------------------------------------------
 
 
