@@ -570,7 +570,7 @@ async def test_interrupt_silences_within_one_frame(live: Run) -> None:
     queued = (segment.interrupt_relayed_at - segment.interrupted_at) * 1000
     print(
         f"interrupt -> silence: the avatar sent {after * 1000:.0f} ms of speech after the room "
-        f"relayed INTERRUPT ({queued:.0f} ms after the agent sent it, queued behind its audio)"
+        f"relayed INTERRUPT (the room relayed it {queued:.0f} ms after the agent sent it)"
     )
     # One frame, plus the room -> avatar hop and the Opus encoder's and decoder's delay.
     assert after <= 1 / FPS + 0.010, f"{after * 1000:.0f} ms of speech after INTERRUPT"
