@@ -214,6 +214,12 @@ async def test_valid_join_starts_a_session_and_delete_ends_it(
     assert await metric(http, server, 'avatar_session_ends_total{reason="deleted"}') == 1
     async with http.delete(f"{server.url}/sessions/{started['id']}", headers=ADMIN) as r:
         assert r.status == 404
+    # An ended session still says why it ended, at its Location and in the list.
+    async with http.get(f"{server.url}/sessions/{started['id']}", headers=ADMIN) as r:
+        assert r.status == 200
+        assert (await r.json())["end_reason"] == "deleted"
+    async with http.get(f"{server.url}/sessions", headers=ADMIN) as r:
+        assert [s["id"] for s in (await r.json())["ended"]] == [started["id"]]
 
 
 def _forged() -> dict:
@@ -448,6 +454,10 @@ async def test_join_that_times_out_ends_and_is_counted(
 
     await wait_for(ended, "the join to fail")
     assert await metric(http, server, 'avatar_session_ends_total{reason="join_failed"}') == 1
+    async with http.get(f"{server.url}/sessions", headers=ADMIN) as r:
+        (session,) = (await r.json())["ended"]
+    assert session["end_reason"] == "join failed"
+    assert session["end_error"]  # the transport's own words, not just the label
 
 
 async def test_live_session_over_loopback_webrtc(serve: Start, http: aiohttp.ClientSession) -> None:

@@ -41,6 +41,18 @@ import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
+from clicks import (
+    AUDIO_RATE,
+    FPS,
+    SPF,
+    SR,
+    VIDEO_RATE,
+    click_frames,
+    click_onsets,
+    clicked_speech,
+    marker_level,
+    marker_onsets,
+)
 from compat.py312 import python312
 from videosdk import MeetingEventHandler, VideoSDK
 from videosdk_room import LoopbackVideoSdkRoom, MediaFrame
@@ -49,15 +61,10 @@ from worker.auth import generate_avatar_credentials
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-SR = 24_000
-FPS = 25
-SPF = SR // FPS
 SIZE = 256
 API_KEY = "live-test-key"
 SECRET = "live-test-secret-0123456789abcdef0123"
 BEARER = "live-bearer"
-VIDEO_RATE, AUDIO_RATE = 90_000, 48_000  # RTP clock rates of the received frames
-CLICK_EVERY = 7  # frames
 AGENT_SCRIPT = Path(__file__).parent / "compat" / "live_agent.py"
 SOAK_SECONDS = 60.0
 
@@ -287,54 +294,11 @@ class Person(MeetingEventHandler):
         await asyncio.sleep(0.2)
 
 
-def clicked_speech(seconds: float, seed: int) -> tuple[np.ndarray, int]:
-    """Quiet speech-like audio with a 5 ms click at the start of every 7th frame."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SR)
-    t = np.arange(n) / SR
-    audio = 2500 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-    audio = (audio + 300 * rng.standard_normal(n)).astype(np.int16)
-    clicks = 0
-    for frame in range(5, int(seconds * FPS) - 5, CLICK_EVERY):
-        audio[frame * SPF : frame * SPF + SR // 200] = 30_000
-        clicks += 1
-    return audio, clicks
-
-
 # -- what came out of the room --------------------------------------------------------------------
 
 
-def marker_level(frame: Any) -> float:
-    """What the room keeps of each received video frame: the pattern renderer's marker."""
-    return float(frame.to_ndarray(format="gray")[4:28, 4:28].mean())
-
-
-def click_times(audio: list[MediaFrame]) -> list[tuple[float, float]]:
-    """(media time, arrival time) of each click onset in the received audio."""
-    out: list[tuple[float, float]] = []
-    for frame in audio:
-        assert frame.sample_rate == AUDIO_RATE
-        loud = np.flatnonzero(np.abs(frame.data) > 15_000)
-        if loud.size:
-            t = (frame.pts + loud[0]) / AUDIO_RATE
-            if not out or t - out[-1][0] > 0.2:
-                out.append((t, frame.arrival + loud[0] / AUDIO_RATE))
-    return out
-
-
-def marker_onsets(video: list[MediaFrame]) -> list[tuple[float, float]]:
-    """(media time, arrival time) of each marker onset in the received video."""
-    out, lit = [], False
-    for frame in video:
-        if frame.data > 128 and not lit:
-            out.append((frame.pts / VIDEO_RATE, frame.arrival))
-        lit = frame.data > 128
-    return out
-
-
-def speech_arrivals(audio: list[MediaFrame]) -> np.ndarray:
-    """Arrival times of received audio frames that hold speech (not silence)."""
-    return np.array([f.arrival for f in audio if np.sqrt(np.mean(f.data.astype(float) ** 2)) > 300])
+def av_frames(frames: list[MediaFrame]) -> list[tuple[float, int, Any]]:
+    return [(f.arrival, f.pts, f.data) for f in frames]
 
 
 def rss_kib(pid: int) -> int:
@@ -527,20 +491,33 @@ async def test_every_segment_is_acknowledged_with_what_was_played(live: Run) -> 
 
 
 async def test_what_was_played_reached_the_room(live: Run) -> None:
-    clicks = click_times(live.audio)
-    onsets = marker_onsets(live.video)
+    clicks = click_onsets(av_frames(live.audio))
+    onsets = marker_onsets(av_frames(live.video))
     interrupted = next(s for s in live.segments if s.interrupted_at is not None)
     position = live.acks[live.segments.index(interrupted)][0]
     played_clicks = [s.clicks for s in live.segments if s.interrupted_at is None]
     # The interrupted turn: clicks at frames 5, 12, ... up to what was played.
-    cut = sum(
-        1
-        for f in range(5, int(interrupted.seconds * FPS) - 5, CLICK_EVERY)
-        if f * SPF < position * SR
-    )
+    cut = sum(1 for f in click_frames(interrupted.seconds) if f * SPF < position * SR)
     expected = sum(played_clicks) + cut
     assert abs(len(clicks) - expected) <= 1, (len(clicks), expected)
     assert abs(len(onsets) - expected) <= 1, (len(onsets), expected)
+
+
+async def test_each_turn_plays_as_one_unbroken_run_of_its_length(live: Run) -> None:
+    """Nothing lost, nothing stuck: one run of speech per turn at the room, as long as played."""
+    speech = [np.sqrt(np.mean(f.data.astype(float) ** 2)) > 500 for f in live.audio]
+    runs, length = [], 0
+    for loud in [*speech, False]:
+        if loud:
+            length += 1
+        elif length:
+            runs.append(length * 0.020)
+            length = 0
+    played = [position for position, _ in live.acks]
+    print(f"speech runs at the room (s): {[round(r, 2) for r in runs]}; played {played}")
+    assert len(runs) == len(played), runs
+    for run, position in zip(runs, played, strict=True):
+        assert run == pytest.approx(position, abs=0.041)
 
 
 async def test_interrupt_silences_within_one_frame(live: Run) -> None:
@@ -591,7 +568,8 @@ async def test_receiver_gets_25_fps(live: Run) -> None:
 
 
 async def test_av_offset_p95_within_20_ms(live: Run) -> None:
-    clicks, onsets = click_times(live.audio), marker_onsets(live.video)
+    clicks = click_onsets(av_frames(live.audio))
+    onsets = marker_onsets(av_frames(live.video))
     pairs = []
     for v, _ in onsets:
         a = min(clicks, key=lambda c: abs(c[0] - v))[0]

@@ -180,7 +180,7 @@ async def test_a_websocket_lost_while_joining_fails_the_join_at_once() -> None:
     await wait_for(lambda: made and room_client(made[0]).join_started.is_set())
     client = room_client(made[0])
     client.websocket.drop(1006)
-    with pytest.raises(base.JoinError, match="closed the connection while joining.*1006"):
+    with pytest.raises(base.JoinError, match=r"closed the connection while joining.*1006"):
         await asyncio.wait_for(joining, 2)
     assert all(t.closed for t in client.transports)
     assert transport.meeting is None

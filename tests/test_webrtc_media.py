@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 import pytest
+from clicks import (
+    AUDIO_RATE,
+    FPS,
+    VIDEO_RATE,
+    click_onsets,
+    clicked_speech,
+    marker_level,
+    marker_onsets,
+)
 
 from worker.audio_out import AvatarAudioOut
 from worker.auth import generate_avatar_credentials
@@ -34,15 +43,10 @@ from worker.dispatcher.app import RunningServer
 from worker.dispatcher.config import DispatcherConfig
 from worker.webrtc_loopback import AgentPeer, connect_agent, ice_on_loopback
 
-SR = 24_000
-FPS = 25
-SPF = SR // FPS
 SIZE = 256
 API_KEY = "media-test-key"
 SECRET = "media-test-secret-0123456789abcdef0123"
 BEARER = "media-bearer"
-VIDEO_RATE, AUDIO_RATE = 90_000, 48_000  # RTP clock rates of the received frames
-CLICK_EVERY = 7  # frames
 SPEECH_SECONDS = 4.0
 
 
@@ -55,9 +59,8 @@ class Received:
     async def pull_video(self, peer: AgentPeer) -> None:
         while True:
             frame = await peer.video.recv()
-            luma = frame.to_ndarray(format="gray")
             self.sizes.add((frame.width, frame.height))
-            self.video.append((time.monotonic(), frame.pts, float(luma[4:28, 4:28].mean())))
+            self.video.append((time.monotonic(), frame.pts, marker_level(frame)))
 
     async def pull_audio(self, peer: AgentPeer) -> None:
         while True:
@@ -65,40 +68,6 @@ class Received:
             channels = len(frame.layout.channels)
             pcm = frame.to_ndarray().reshape(-1, channels)[:, 0].copy()
             self.audio.append((time.monotonic(), frame.pts, pcm))
-
-    def clicks(self) -> list[tuple[float, float]]:
-        """(media time, arrival time) of each click onset in the received audio."""
-        out: list[tuple[float, float]] = []
-        for arrival, pts, pcm in self.audio:
-            loud = np.flatnonzero(np.abs(pcm) > 15_000)
-            if loud.size:
-                t = (pts + loud[0]) / AUDIO_RATE
-                if not out or t - out[-1][0] > 0.2:
-                    out.append((t, arrival + loud[0] / AUDIO_RATE))
-        return out
-
-    def onsets(self) -> list[tuple[float, float]]:
-        """(media time, arrival time) of each marker onset in the received video."""
-        out, lit = [], False
-        for arrival, pts, marker in self.video:
-            if marker > 128 and not lit:
-                out.append((pts / VIDEO_RATE, arrival))
-            lit = marker > 128
-        return out
-
-
-def clicked_speech(seconds: float) -> tuple[np.ndarray, int]:
-    """Quiet speech-like audio with a 5 ms click at the start of every 7th frame."""
-    rng = np.random.default_rng(3)
-    n = int(seconds * SR)
-    t = np.arange(n) / SR
-    audio = 2500 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-    audio = (audio + 300 * rng.standard_normal(n)).astype(np.int16)
-    clicks = 0
-    for frame in range(5, int(seconds * FPS) - 5, CLICK_EVERY):
-        audio[frame * SPF : frame * SPF + SR // 200] = 30_000
-        clicks += 1
-    return audio, clicks
 
 
 @pytest.fixture
@@ -193,7 +162,7 @@ async def test_whole_path_is_in_sync_at_the_receiver(server: RunningServer, code
     assert (np.diff(audio_pts) == AUDIO_RATE // 50).all()
 
     # Every click was heard and seen, and each marker shows with its click.
-    clicks, onsets = received.clicks(), received.onsets()
+    clicks, onsets = click_onsets(received.audio), marker_onsets(received.video)
     assert len(clicks) == n_clicks
     assert len(onsets) == n_clicks
     offsets_ms = np.array([(v - a) * 1000 for (v, _), (a, _) in zip(onsets, clicks, strict=True)])

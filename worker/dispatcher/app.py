@@ -10,8 +10,9 @@ POST <join_path>            join     202 session starting; 400 malformed body, 4
 GET  /healthz               none     200 while the process serves HTTP
 GET  /readyz                none     200 while a slot is free and the renderer is up
 GET  /metrics               none     Prometheus text
-GET  /sessions              admin    the sessions holding slots
-GET  /sessions/{id}         admin    one session, 404 unknown
+GET  /sessions              admin    the sessions holding slots, and the last 50 ended
+                                     (``ended``, newest first, with end_reason/end_error)
+GET  /sessions/{id}         admin    one session, live or recently ended; 404 unknown
 DELETE /sessions/{id}       admin    200 once the session has left its room
 POST /weights               admin    hot-swap {"path": ...}: 200, or 400/409/422 with
                                      the renderer's reason (old weights stay)
@@ -239,12 +240,18 @@ class Dispatcher:
         if (denied := self._admin(request)) is not None:
             return denied
         sessions = [s.describe() for s in self.sessions.sessions.values()]
-        return web.json_response({"sessions": sessions, "free_slots": self.sessions.free_slots})
+        ended = [s.describe() for s in reversed(self.sessions.ended)]
+        return web.json_response(
+            {"sessions": sessions, "free_slots": self.sessions.free_slots, "ended": ended}
+        )
 
     async def get_session(self, request: web.Request) -> web.Response:
         if (denied := self._admin(request)) is not None:
             return denied
-        session = self.sessions.sessions.get(request.match_info["id"])
+        session_id = request.match_info["id"]
+        session = self.sessions.sessions.get(session_id) or next(
+            (s for s in self.sessions.ended if s.id == session_id), None
+        )
         if session is None:
             return _error(404, "no such session")
         return web.json_response(session.describe())

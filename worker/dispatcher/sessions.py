@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,9 @@ class Session:
         }
 
 
+ENDED_KEPT = 50  # ended sessions /sessions still shows, with their end_reason
+
+
 class SessionManager:
     """Accepts joins into free slots and runs one session process per room."""
 
@@ -268,6 +272,7 @@ class SessionManager:
         self.host = host
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
+        self.ended: deque[Session] = deque(maxlen=ENDED_KEPT)  # newest last: why they ended
         self._rooms: dict[str, Session] = {}
         self._spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
@@ -386,6 +391,7 @@ class SessionManager:
         reason = session.end_reason or session.stop_reason or "ended"
         session.end_reason = reason
         self.sessions.pop(session.id, None)
+        self.ended.append(session)
         if self._rooms.get(session.join.room_name) is session:
             del self._rooms[session.join.room_name]
         self.metrics.session_ended(session.id, _reason_label(reason))
