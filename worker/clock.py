@@ -12,6 +12,11 @@ same counter, so they cannot drift apart whatever the inference jitter.
 and tests); every deadline scales, nothing else changes.  An offline render
 may also :meth:`pause` the clock while it waits for a slow renderer; both
 tracks then wait, so they stay aligned.
+
+Where video frames sit on that clock is :class:`FrameTiming` (from
+:mod:`models.timing`, which the renderer process imports too): frame ``i``
+starts at sample ``floor(i * sample_rate / fps)``, with ``fps`` exact
+(29.97 is 30000/1001).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from fractions import Fraction
+
+from models.timing import VIDEO_CLOCK_RATE, FrameTiming, exact_fps
+
+__all__ = ["VIDEO_CLOCK_RATE", "FrameTiming", "MediaClock", "exact_fps"]
 
 
 class MediaClock:

@@ -12,6 +12,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from .clock import exact_fps
+
 
 class Mp4Writer:
     def __init__(
@@ -30,8 +32,7 @@ class Mp4Writer:
         self.sample_rate = sample_rate
         self._layout = "mono" if channels == 1 else "stereo"
         self._container = av.open(str(self.path), mode="w")
-        fps_q = Fraction(fps).limit_denominator(1001)
-        self._video = self._container.add_stream("libx264", rate=fps_q)
+        self._video = self._container.add_stream("libx264", rate=exact_fps(fps))
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
         self._video.time_base = Fraction(1, sample_rate)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -27,7 +25,7 @@ from . import protocol
 from .audio_in import AvatarAudioIn
 from .audio_out import AvatarAudioOut
 from .auth import AvatarAuthCredentials
-from .clock import MediaClock
+from .clock import FrameTiming, MediaClock
 from .local_room import LocalRoom
 from .mp4 import Mp4Writer
 from .server import AvatarServer
@@ -88,7 +86,7 @@ class _Recorder:
         self.server = server
         self.writer = writer
         self.sync = server.av_sync
-        self.fps = Fraction(server.video_track.fps)
+        self.timing = FrameTiming(server.video_track.fps, self.sync.sample_rate)
         self.end: int | None = None
         self.done = asyncio.Event()
         self._origin: int | None = None
@@ -98,8 +96,7 @@ class _Recorder:
     def origin(self) -> int | None:
         start = self.sync.stats.first_speech_position
         if self._origin is None and start is not None:
-            tick = math.floor(start * self.fps / self.sync.sample_rate)
-            self._origin = int(tick * self.sync.sample_rate / self.fps)
+            self._origin = self.timing.start(self.timing.frame_at(start))
             self.writer.write_audio(np.zeros(start - self._origin, np.int16))
         return self._origin
 
@@ -121,7 +118,7 @@ class _Recorder:
         track = self.server.video_track
         while not self.done.is_set():
             frame = await track.recv()
-            pos = round(frame.pts * self.sync.sample_rate / 90_000)
+            pos = self.timing.start(self.timing.frame_of_pts(frame.pts))
             self._pending = [*self._pending[-1:], (pos, frame.reformat(format="yuv420p"))]
             origin = self.origin
             if origin is None:

@@ -37,12 +37,11 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 from av import AudioFrame, AudioResampler, VideoFrame
 
-from .clock import MediaClock
+from .clock import FrameTiming, MediaClock
 from .types import AudioSegmentEnd
 
 logger = logging.getLogger(__name__)
@@ -92,8 +91,9 @@ class AvatarSynchronizer:
     ) -> None:
         self._audio_track = audio_track
         self._video_track = video_track
-        self.fps = Fraction(video_fps).limit_denominator(1001)
         self.sample_rate: int = audio_track.sample_rate
+        self.timing = FrameTiming(video_fps, self.sample_rate)
+        self.fps = self.timing.fps
         self.channels: int = audio_track.num_channels
         self.clock = clock or audio_track.clock or MediaClock(self.sample_rate)
         self.jitter_frames = max(1, jitter_frames)
@@ -308,7 +308,7 @@ class AvatarSynchronizer:
     def idle_frame(self, position: int) -> VideoFrame | None:
         if not self._idle:
             return None
-        index = int(position * self.fps / self.sample_rate) % len(self._idle)
+        index = self.timing.frame_at(position) % len(self._idle)
         return self._idle[index]
 
     async def aclose(self) -> None:

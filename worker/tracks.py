@@ -19,10 +19,11 @@ from videosdk.custom_audio_track import CustomAudioTrack
 from videosdk.custom_video_track import CustomVideoTrack
 from vsaiortc.mediastreams import MediaStreamError
 
-from .clock import MediaClock
+from .clock import VIDEO_CLOCK_RATE, FrameTiming, MediaClock
 
 AUDIO_PTIME = 0.02
-VIDEO_CLOCK_RATE = 90_000
+
+__all__ = ["AUDIO_PTIME", "VIDEO_CLOCK_RATE", "AvatarVisualTrack", "AvatarVoiceTrack"]
 
 
 class _AudioBuffer:
@@ -122,7 +123,7 @@ class AvatarVisualTrack(CustomVideoTrack):
         super().__init__()
         self.width = width
         self.height = height
-        self.fps = Fraction(fps).limit_denominator(1001)
+        self.fps = FrameTiming(fps, 1).fps  # exact (29.97 is 30000/1001)
         self.clock = clock
         self._latest = _LatestFrame()
         self._source = self._latest
@@ -137,12 +138,15 @@ class AvatarVisualTrack(CustomVideoTrack):
         """Standalone use: show this frame from the next tick on."""
         self._latest.frame = frame
 
+    @property
+    def timing(self) -> FrameTiming:
+        """Where this track's ticks sit on the clock's sample axis."""
+        rate = self.clock.sample_rate if self.clock is not None else 48_000
+        return FrameTiming(self.fps, rate)
+
     def position_of(self, index: int) -> Fraction:
         """Clock position (samples) of video tick ``index``."""
-        return index * Fraction(self._sample_rate()) / self.fps
-
-    def _sample_rate(self) -> int:
-        return self.clock.sample_rate if self.clock is not None else 48_000
+        return self.timing.position(index)
 
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
@@ -151,12 +155,12 @@ class AvatarVisualTrack(CustomVideoTrack):
             self.clock = MediaClock(48_000)
         index = self._index
         self._index += 1
-        position = self.position_of(index)
-        await self.clock.sleep_until(position)
+        timing = self.timing
+        await self.clock.sleep_until(timing.position(index))
         if self.readyState != "live":
             raise MediaStreamError
-        frame = self._source.video_at(int(position)) or self._blank_frame()
-        frame.pts = int(index * VIDEO_CLOCK_RATE / self.fps)
+        frame = self._source.video_at(timing.start(index)) or self._blank_frame()
+        frame.pts = timing.pts(index)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
         return frame
 
