@@ -45,6 +45,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
+from setproctitle import setproctitle
 
 from .audio_ring import PCM, RingCorruptError
 from .base import FrameRenderer, RenderJob, RenderStream
@@ -354,6 +355,14 @@ class _KeepBeating:
         self._thread.join()
 
 
+def _device_label(renderer: Any) -> str:
+    """``cpu`` or ``gpu N``: where the renderer's model runs, for ``ps`` and ``top``."""
+    device = str(getattr(getattr(renderer, "backend", None), "device", "cpu"))
+    if device.startswith("cuda"):
+        return f"gpu {device.partition(':')[2] or 0}"
+    return "cpu"
+
+
 def main(
     factory: str,
     kwargs: dict[str, Any],
@@ -362,6 +371,7 @@ def main(
     heartbeat_interval: float = 0.05,
 ) -> None:
     """Entry point of the renderer process (the ``spawn`` target)."""
+    setproctitle("avatar-server renderer")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     logging.basicConfig(level=logging.INFO, format=f"renderer[{os.getpid()}] %(message)s")
     channel = ControlChannel(control)
@@ -374,6 +384,7 @@ def main(
         logger.exception("could not build the renderer")
         channel.send(StartFailed(f"could not build the renderer {factory!r}: {exc}"))
         raise SystemExit(1) from None
+    setproctitle(f"avatar-server renderer [{_device_label(renderer)}]")
     loop = RenderLoop(renderer, channel, status, heartbeat_interval)
     status.beat()  # building may have taken longer than the hang timeout
     channel.send(loop.ready_message())
