@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +112,7 @@ class AvatarSynchronizer:
         self._segment_samples = 0
         self._history: deque[tuple[int, VideoFrame | None, list[bool]]] = deque(maxlen=256)
         self._last_shown: VideoFrame | None = None
-        self._idle: list[VideoFrame] = []
+        self._idle: Sequence[VideoFrame] = []
         self._epoch = 0
         self._space = asyncio.Event()
         self._arrived = asyncio.Event()
@@ -122,8 +122,10 @@ class AvatarSynchronizer:
 
     # -- producer side -----------------------------------------------------------
 
-    def set_idle_frames(self, frames: list[VideoFrame]) -> None:
-        self._idle = list(frames)
+    def set_idle_frames(self, frames: Sequence[VideoFrame]) -> None:
+        """The idle loop; kept as given, not copied (it may be a view of shared memory
+        that builds each frame when it is shown, see ``ShmRenderer.idle_frames``)."""
+        self._idle = frames
 
     @property
     def queued_frames(self) -> int:
