@@ -891,3 +891,80 @@ async def test_example_agent_joins_through_the_dispatcher(
     assert [(s["room_name"], s["participant_id"]) for s in sessions] == [
         ("room-example", participant)
     ]
+
+
+# -- process titles --------------------------------------------------------------------------
+
+
+def _title(pid: int) -> str:
+    """What ``ps`` shows for ``pid`` (its cmdline, NUL-separated words joined)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+async def _titles_until(pid: int, wanted: set[str], timeout: float = 60) -> dict[int, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        titles = {p: _title(p) for p in _children(pid)}
+        if wanted <= set(titles.values()) or time.monotonic() > deadline:
+            return titles
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+async def test_ps_names_the_dispatcher_its_renderer_and_its_sessions(
+    http: aiohttp.ClientSession,
+) -> None:
+    proc, url = await asyncio.to_thread(
+        _start_serving,
+        "--transport", "local", "--renderer", "pattern", "--insecure", "--device", "cpu",
+        "--width", "64", "--height", "64", "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        assert _title(proc.pid) == "avatar-server dispatcher"
+        spare, renderer = "avatar-server session (spare)", "avatar-server renderer [cpu]"
+        titles = await _titles_until(proc.pid, {spare, renderer})
+        assert {spare, renderer} <= set(titles.values()), titles
+        async with http.post(f"{url}/launch", json={"room_name": "room-ps", "token": "t"}) as r:
+            assert r.status == 202
+        deadline, pid = time.monotonic() + 30, None
+        while pid is None and time.monotonic() < deadline:  # None until the process has it
+            async with http.get(f"{url}/sessions") as r:
+                pid = (await r.json())["sessions"][0]["pid"]
+            await asyncio.sleep(0.05)
+        while _title(pid) != "avatar-server session room-ps" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _title(pid) == "avatar-server session room-ps"
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), 20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+
+
+def test_a_session_title_is_one_printable_word_of_bounded_length() -> None:
+    from worker.session import session_title
+
+    assert session_title("room 1\n") == "avatar-server session room_1_"
+    assert session_title("") == "avatar-server session ?"
+    assert len(session_title("r" * 500)) == len("avatar-server session ") + 64

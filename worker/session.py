@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from setproctitle import setproctitle
+
 from .audio_in import AvatarAudioIn
 from .dispatcher.messages import (
     Answer,
@@ -358,6 +360,7 @@ async def serve_control(fd: int) -> int:
         if not isinstance(start, Start):
             return 0
         _name_logs(start.session_id)
+        setproctitle(session_title(start.join.room_name))
         options = SessionOptions(
             session_id=start.session_id,
             participant_id=start.join.participant_id,
@@ -380,6 +383,15 @@ async def serve_control(fd: int) -> int:
     return 0
 
 
+SPARE_TITLE = "avatar-server session (spare)"
+
+
+def session_title(room_name: str) -> str:
+    """What ``ps`` and ``top`` show for a session in ``room_name`` (printable, bounded)."""
+    room = "".join(c if c.isprintable() and not c.isspace() else "_" for c in room_name)
+    return f"avatar-server session {room[:64] or '?'}"
+
+
 def _name_logs(session_id: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
@@ -397,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True, help="inherited control socket")
     parser.add_argument("--parent-pid", type=int, help="exit with this process (the dispatcher)")
     args = parser.parse_args(argv)
+    setproctitle(SPARE_TITLE)
     if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
         return 0
     logging.basicConfig(
@@ -424,5 +437,6 @@ def _warm_imports() -> Any:
 
 
 if __name__ == "__main__":
+    setproctitle(SPARE_TITLE)
     _warm_imports()
     sys.exit(main())

@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from setproctitle import setproctitle
 
 from ..renderer_factory import RendererSpec
 from .auth import Authenticator, AuthError
@@ -376,6 +377,7 @@ async def serve(config: DispatcherConfig) -> int:
 
 def serve_main(argv: list[str]) -> int:
     """``avatar-server serve``: parse ``argv`` and run until SIGTERM or SIGINT."""
+    setproctitle("avatar-server dispatcher")
     try:
         config = load_config(argv)
     except ConfigError as exc:
