@@ -968,3 +968,33 @@ def test_a_session_title_is_one_printable_word_of_bounded_length() -> None:
     assert session_title("room 1\n") == "avatar-server session room_1_"
     assert session_title("") == "avatar-server session ?"
     assert len(session_title("r" * 500)) == len("avatar-server session ") + 64
+
+
+def test_audio_in_counters_reach_the_metrics_as_increments() -> None:
+    from worker.dispatcher.messages import Stats, _decoder, _encoder
+    from worker.dispatcher.metrics import Metrics
+
+    def sample(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not in the metrics")
+
+    m = Metrics()
+    first = {"audio_bytes": 960, "dropped_after_interrupt": 0, "ignored": 1, "malformed": 2}
+    crossed = _decoder.decode(_encoder.encode(Stats(audio_in=first)))  # the control socket
+    assert crossed == Stats(audio_in=first)
+    m.session_stats("a", crossed)
+    m.session_stats("b", Stats(audio_in={"audio_bytes": 100, "held": 3}))
+    m.session_stats(
+        "a", Stats(audio_in={**first, "audio_bytes": 1920, "dropped_after_interrupt": 480})
+    )
+    m.session_stats("a", Stats(audio_in={**first, "audio_bytes": 1920, "future_counter": 5}))
+    text = m.render().decode()
+    assert sample(text, "avatar_audio_in_bytes_total") == 1920 + 100
+    assert sample(text, "avatar_audio_in_dropped_after_interrupt_bytes_total") == 480
+    assert sample(text, "avatar_audio_in_ignored_messages_total") == 1
+    assert sample(text, "avatar_audio_in_malformed_messages_total") == 2
+    assert sample(text, "avatar_audio_in_held_messages_total") == 3
+    assert sample(text, "avatar_audio_in_dropped_while_held_messages_total") == 0
+    assert sample(text, 'avatar_audio_in_other_total{counter="future_counter"}') == 5

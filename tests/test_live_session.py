@@ -151,6 +151,23 @@ async def test_session_plays_acks_and_leaves_when_the_agent_leaves() -> None:
     stats = run.of(Stats)[-1]
     assert (stats.segments, stats.stalls, stats.interrupts) == (1, 0, 0)
     assert sum(len(s.render_ms) for s in run.of(Stats)) >= 20  # render times reach the metrics
+    # what the agent sent, as AvatarAudioIn counted it, reaches the dispatcher
+    assert stats.audio_in["audio_bytes"] == len(speech(0.8).tobytes())
+    assert stats.audio_in["malformed"] == stats.audio_in["dropped_after_interrupt"] == 0
+    assert set(stats.audio_in) >= {"audio_bytes", "dropped_after_interrupt", "ignored", "malformed"}
+
+
+async def test_the_first_frame_is_reported_by_event_not_by_polling() -> None:
+    """FirstFrame goes out as soon as the visual track takes its first frame (no 5 ms poll)."""
+    async with Run() as run:
+        await run.wait(lambda: run.of(Joined), "joined")
+        sync = run.session.server.av_sync
+        assert not sync.first_tick.is_set() and not run.of(FirstFrame)
+        await asyncio.wait_for(run.transport.video_track.recv(), 5)  # the sender's first pull
+        assert sync.first_tick.is_set()
+        for _ in range(3):  # a few loop turns, far less than a poll interval
+            await asyncio.sleep(0)
+        assert len(run.of(FirstFrame)) == 1
 
 
 async def test_idle_timeout_ends_the_session() -> None:

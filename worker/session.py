@@ -244,9 +244,7 @@ class LiveSession:
                 return
 
     async def _first_frame(self) -> None:
-        stats = self.server.av_sync.stats
-        while stats.video_ticks == 0:
-            await asyncio.sleep(0.005)
+        await self.server.av_sync.first_tick.wait()
         self._report(FirstFrame(time.monotonic() - self.started_at))
 
     async def _stats_loop(self) -> None:
@@ -277,6 +275,7 @@ class LiveSession:
             ring_depths=self.attached.ring_depths(),
             render_ms=self.attached.take_render_ms(),
             av_offset_ms=offsets,
+            audio_in=dict(self.audio_in.stats) if self.audio_in is not None else {},
         )
 
     def _hook_offsets(self) -> None:

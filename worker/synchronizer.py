@@ -103,6 +103,7 @@ class AvatarSynchronizer:
         self.on_segment_played: Callable[[int], None] | None = None
         # (tick position, position where the frame's audio starts), once per speech frame shown
         self.on_frame_shown: Callable[[int, int], None] | None = None
+        self.first_tick = asyncio.Event()  # set when the visual track takes its first frame
         self.stats = SyncStats()
         self._units: deque[_Unit] = deque()
         self._queued_units = 0  # units with audio in _units
@@ -264,6 +265,8 @@ class AvatarSynchronizer:
     def video_at(self, position: int) -> VideoFrame | None:
         """The frame to show at clock ``position``: speech, or idle, or None."""
         self.stats.video_ticks += 1
+        if self.stats.video_ticks == 1:
+            self.first_tick.set()
         if position >= self._pulled_until:
             # The audio pull due at this instant may not have run yet: decide as it will.
             self._maybe_start()

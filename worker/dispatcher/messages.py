@@ -115,6 +115,7 @@ class Stats(_Message):
     ring_depths: dict[str, int] = {}
     render_ms: list[float] = []
     av_offset_ms: list[float] = []
+    audio_in: dict[str, int] = {}  # AvatarAudioIn.stats: totals of what the agent sent
 
 
 class Ended(_Message):

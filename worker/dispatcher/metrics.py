@@ -37,6 +37,31 @@ _HELP = {
     "segments": "Speech segments played to the end",
 }
 
+# AvatarAudioIn.stats (totals of what came from the agent) -> counter name, help
+_AUDIO_IN = {
+    "audio_bytes": ("avatar_audio_in_bytes", "PCM bytes received from the agent and played"),
+    "dropped_after_interrupt": (
+        "avatar_audio_in_dropped_after_interrupt_bytes",
+        "PCM bytes dropped because they were sent before an interrupt took effect",
+    ),
+    "ignored": (
+        "avatar_audio_in_ignored_messages",
+        "Data messages ignored because they were not from the agent",
+    ),
+    "malformed": (
+        "avatar_audio_in_malformed_messages",
+        "Data messages from the agent dropped as malformed",
+    ),
+    "held": (
+        "avatar_audio_in_held_messages",
+        "Data messages held until the room named the agent",
+    ),
+    "dropped_while_held": (
+        "avatar_audio_in_dropped_while_held_messages",
+        "Data messages dropped because the hold buffer was full",
+    ),
+}
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -86,6 +111,15 @@ class Metrics:
         self.counters = {
             key: Counter(name, _HELP[key], registry=r) for key, name in _COUNTED.items()
         }
+        self.audio_in = {
+            key: Counter(name, text, registry=r) for key, (name, text) in _AUDIO_IN.items()
+        }
+        self.audio_in_other = Counter(
+            "avatar_audio_in_other",
+            "Other counters of the session's AvatarAudioIn, by name",
+            ["counter"],
+            registry=r,
+        )
         self.weight_swaps = Counter(
             "avatar_weight_swaps", "Weight swap requests by result", ["result"], registry=r
         )
@@ -97,6 +131,14 @@ class Metrics:
             delta = getattr(stats, key) - getattr(last, key)
             if delta > 0:
                 counter.inc(delta)
+        for key, value in stats.audio_in.items():
+            delta = value - last.audio_in.get(key, 0)
+            if delta <= 0:
+                continue
+            if key in self.audio_in:
+                self.audio_in[key].inc(delta)
+            else:
+                self.audio_in_other.labels(key).inc(delta)
         self._last[session_id] = stats
         self.output_fps.labels(session_id).set(stats.fps)
         self.ring_depth.labels(session_id, "playout").set(stats.playout_depth)
