@@ -129,3 +129,57 @@ async def test_render_waits_for_a_slow_renderer_instead_of_stalling(tmp_path: Pa
     assert report.output_seconds == pytest.approx(1.2, abs=1 / 25)
     assert report.video_frames == pytest.approx(30, abs=1)
     assert report.ack == (pytest.approx(1.2), False)
+
+
+# -- user errors: one line, exit 2, before any renderer starts; the traceback only with -v
+
+
+def _user_error(tmp_path: Path, capsys, *args: str) -> tuple[int, str]:
+    started = time.monotonic()
+    rc = main(["render", "--out", str(tmp_path / "o.mp4"), "-q", "--width", "64", *args])
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert took < 20, "the error was found only after the renderer started"
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("bad_weights", "is not an ONNX model file"),
+        ("missing_weights", "no model file at"),
+        ("missing_avatar", "avatar directory not found"),
+        ("not_an_avatar", "is not an avatar directory"),
+        ("out_in_missing_dir", "does not exist"),
+        ("out_is_a_dir", "is a directory"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys, case, expected) -> None:
+    junk = tmp_path / "model.onnx"
+    junk.write_text("not a model\n")
+    args = {
+        "bad_weights": ["--weights", str(junk)],
+        "missing_weights": ["--weights", str(tmp_path / "nothing.onnx")],
+        "missing_avatar": ["--avatar", str(tmp_path / "no-avatar")],
+        "not_an_avatar": ["--avatar", str(tmp_path)],
+        "out_in_missing_dir": ["--out", str(tmp_path / "no" / "such" / "o.mp4")],
+        "out_is_a_dir": ["--out", str(tmp_path)],
+    }[case]
+    rc, err = _user_error(tmp_path, capsys, *args)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_verbose_adds_the_traceback(tmp_path: Path, capsys) -> None:
+    rc = main(["-v", "render", "--out", str(tmp_path / "no" / "o.mp4"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: cannot write")
+
+
+async def test_render_refuses_an_unwritable_out_path_before_it_starts(tmp_path: Path) -> None:
+    renderer = InProcessRenderer(PatternRenderer(64, 64, 25, SR))
+    with pytest.raises(RenderError, match="does not exist"):
+        await render(np.ones(SR, np.int16), tmp_path / "no" / "o.mp4", renderer)

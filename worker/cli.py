@@ -1,31 +1,71 @@
-"""``avatar-server``: the command line."""
+"""``avatar-server``: the command line.
+
+A user error (an unreadable audio file, a bad weights file, a missing avatar,
+an output path that cannot be written) is one line on stderr and exit code 2,
+found before any process starts where it can be; ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .loop import run as run_loop
-from .render_job import SAMPLE_SPEECH, RenderError, read_audio, render
+from .render_job import SAMPLE_SPEECH, RenderError, check_output, read_audio, render
 from .synchronizer import DEFAULT_JITTER_FRAMES
 from .types import AvatarSettings
 
 logger = logging.getLogger("avatar-server")
 
 
+def _error(args: argparse.Namespace, exc: BaseException, code: int = 2) -> int:
+    """One clear line on stderr (the traceback too with ``-v``); the exit code."""
+    if args.verbose:
+        traceback.print_exception(exc)
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
+def _check_renderer_inputs(args: argparse.Namespace) -> None:
+    """The weights file and the avatar directory, checked before a renderer process starts."""
+    if args.avatar is not None:
+        avatar = Path(args.avatar).expanduser()
+        if not avatar.is_dir():
+            raise RenderError(
+                f"avatar directory not found: {avatar} (make one with 'avatar-server prepare')"
+            )
+        if not (avatar / "avatar.json").is_file():
+            raise RenderError(
+                f"{avatar} is not an avatar directory (no avatar.json): "
+                "make one with 'avatar-server prepare'"
+            )
+    if args.renderer == "lipsync" and args.weights not in ("builtin", "reference"):
+        from models.weights import resolve_weights
+        from renderers.validation import read_binding
+
+        try:
+            read_binding(resolve_weights(args.weights))
+        except (FileNotFoundError, ValueError) as exc:  # validation's WeightsError is one
+            raise RenderError(str(exc)) from exc
+
+
 def _render_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    from renderers.supervisor import RendererStartError, RendererUnavailable
 
     from .renderer_factory import RendererSpec, open_renderer
 
     audio_path = Path(args.audio) if args.audio else SAMPLE_SPEECH
     try:
         audio = read_audio(audio_path)
+        out = check_output(args.out)
+        _check_renderer_inputs(args)
     except RenderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args, exc)
     settings = AvatarSettings(video_width=args.width, video_height=args.height, video_fps=args.fps)
     spec = RendererSpec(
         kind=args.renderer,
@@ -53,7 +93,7 @@ def _render_command(args: argparse.Namespace) -> int:
         async with open_renderer(spec) as renderer:
             return await render(
                 audio,
-                args.out,
+                out,
                 renderer,
                 settings=settings,
                 speed=args.speed,
@@ -65,8 +105,10 @@ def _render_command(args: argparse.Namespace) -> int:
         report = run_loop(run())
     except (RenderError, ValueError, FileNotFoundError) as exc:
         bar.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args, exc)
+    except (RendererStartError, RendererUnavailable) as exc:  # not the user's doing
+        bar.close()
+        return _error(args, exc, 1)
     bar.close()
     print(
         f"wrote {report.out}: {report.output_seconds:.2f} s of audio "

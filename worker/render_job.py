@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,19 @@ def read_audio(path: str | Path, sample_rate: int = protocol.SAMPLE_RATE) -> np.
     if not chunks:
         raise RenderError(f"{path} contains no audio samples")
     return np.concatenate(chunks).astype(np.int16)
+
+
+def check_output(out: str | Path) -> Path:
+    """``out`` as a path an MP4 can be written to, else :class:`RenderError` saying why."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise RenderError(f"cannot write {path}: it is a directory; give a file such as out.mp4")
+    parent = path.parent
+    if not parent.is_dir():
+        raise RenderError(f"cannot write {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RenderError(f"cannot write {path}: permission denied")
+    return path
 
 
 class _Recorder:
@@ -144,6 +158,7 @@ async def render(
     settings = settings or AvatarSettings()
     if audio.size == 0:
         raise RenderError("the input audio is empty")
+    out = check_output(out)
     room = LocalRoom()
     agent_meeting, avatar_meeting = room.join("agent"), room.join("avatar")
     agent = AvatarAudioOut(credentials=AvatarAuthCredentials("avatar", "local"))
@@ -164,13 +179,16 @@ async def render(
         clock=clock,
         wait_for_renderer=True,
     )
-    writer = Mp4Writer(
-        out,
-        width=settings.video_width,
-        height=settings.video_height,
-        fps=settings.video_fps,
-        sample_rate=settings.audio_sample_rate,
-    )
+    try:
+        writer = Mp4Writer(
+            out,
+            width=settings.video_width,
+            height=settings.video_height,
+            fps=settings.video_fps,
+            sample_rate=settings.audio_sample_rate,
+        )
+    except OSError as exc:  # av's errors for a path it cannot open are OSErrors
+        raise RenderError(f"cannot write {out}: {exc.strerror or exc}") from exc
     recorder = _Recorder(server, writer)
     server.av_sync.on_segment_played = _chain(
         server.av_sync.on_segment_played, lambda _: _mark_end(recorder)
