@@ -38,6 +38,8 @@ from functools import lru_cache
 import av
 import numpy as np
 
+from .timing import FrameTiming, exact_fps
+
 SAMPLE_RATE = 16_000
 N_FFT = 800
 HOP = 200
@@ -233,18 +235,18 @@ def melspectrogram(wav16k: np.ndarray, n_frames: int | None = None) -> np.ndarra
 
 
 def fps_fraction(fps: float) -> Fraction:
-    """The exact frame rate the audio framer uses (29.97 -> 2997/100)."""
-    return Fraction(fps).limit_denominator(1001)
+    """The exact frame rate the audio framer uses (29.97 -> 30000/1001)."""
+    return exact_fps(fps)
 
 
 def frame_offset(index: int, sample_rate: int, fps: float) -> int:
     """First sample of video frame ``index`` within its segment."""
-    return int(index * Fraction(sample_rate) / fps_fraction(fps))
+    return FrameTiming(fps, sample_rate).start(index)
 
 
 def frame_count(n_samples: int, sample_rate: int, fps: float) -> int:
     """Video frames a segment of ``n_samples`` is cut into (the last may be short)."""
-    return math.ceil(Fraction(n_samples) * fps_fraction(fps) / sample_rate)
+    return FrameTiming(fps, sample_rate).frames_in(n_samples)
 
 
 def window_start(offset: int, sample_rate: int) -> int:

@@ -1,9 +1,10 @@
 """Cutting a session's audio stream into video frames.
 
 Frame ``i`` of a stream plays the samples ``[edge(i), edge(i + 1))`` where
-``edge(i) = floor(i * sample_rate / fps)``; exact integer arithmetic, so no
-sample is lost or duplicated at any fps (29.97 included) and the audio that
-leaves with the frames is bit-identical to the audio that came in.
+``edge(i) = floor(i * sample_rate / fps)`` (:class:`models.timing.FrameTiming`,
+the rule every process uses); exact integer arithmetic, so no sample is lost or
+duplicated at any fps (29.97 is 30000/1001) and the audio that leaves with the
+frames is bit-identical to the audio that came in.
 
 A frame is released once more than ``lookahead`` samples past its *start*, and
 more than its own samples, are buffered (a lip-sync model looks ~200 ms into
@@ -15,9 +16,10 @@ flagged ``segment_end`` (it may be short).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
+
+from models.timing import FrameTiming
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +39,9 @@ class AudioFramer:
         if sample_rate <= 0 or fps <= 0:
             raise ValueError(f"sample_rate and fps must be positive, got {sample_rate}, {fps}")
         self.sample_rate = sample_rate
-        self.fps = Fraction(fps).limit_denominator(1001)
+        self.timing = FrameTiming(fps, sample_rate)
+        self.fps = self.timing.fps
         self.lookahead = lookahead
-        self._spf = Fraction(sample_rate) / self.fps  # samples per frame, exact
         self.reset()
 
     def reset(self) -> None:
@@ -52,7 +54,7 @@ class AudioFramer:
 
     def edge(self, index: int) -> int:
         """Stream sample position where frame ``index`` starts."""
-        return self._base + int((index - self._base_index) * self._spf)
+        return self._base + self.timing.start(index - self._base_index)
 
     @property
     def buffered(self) -> int:
