@@ -132,6 +132,15 @@ class AvatarServer:
         ):
             return await (r.json() if path != "/metrics" else r.text())
 
+    async def delete(self, session_id: str) -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.delete(
+                f"{self.url}/sessions/{session_id}", headers={"Authorization": f"Bearer {BEARER}"}
+            ) as r,
+        ):
+            return r.status
+
     async def sessions(self) -> dict[str, Any]:
         return await self.get("/sessions")
 
@@ -651,4 +660,32 @@ async def test_the_room_dropping_the_avatar_frees_the_slot_within_5_s(
         assert gone is not None and gone <= 5.0, avatar_server.logs()
         assert (await avatar_server.sessions())["free_slots"] == free_before + 1
     finally:
+        await agent.close()
+
+
+async def test_a_session_stopped_while_joining_leaves_no_ghost(
+    room: LoopbackVideoSdkRoom, avatar_server: AvatarServer
+) -> None:
+    """DELETE while the SDK waits for the room's answer to its join: no one stays behind."""
+    room_id, avatar_id = "stop-room", "avatar-stop"
+    room.delay_requests[(avatar_id, "join")] = 3.0  # the avatar's websocket is open meanwhile
+    agent = await LiveAgent.start(room, room_id, f"{avatar_server.url}/launch", avatar_id)
+    try:
+        deadline = time.monotonic() + 90
+        while avatar_id not in room.peers(room_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert avatar_id in room.peers(room_id), "the avatar never connected to the room"
+        sessions = (await avatar_server.sessions())["sessions"]
+        (session,) = [s for s in sessions if s["room_name"] == room_id]
+        assert session["state"] == "joining"
+        assert await avatar_server.delete(session["id"]) == 200
+        peer = await room.wait_for_peer_left(room_id, avatar_id, timeout=5)
+        stay = peer.left_at - peer.connected_at
+        print(f"stopped while joining: the room saw the avatar go after {stay:.2f} s")
+        assert not peer.joined
+        await asyncio.sleep(4.0)  # past the delayed answer: it does not come back
+        assert room.peers(room_id)[avatar_id].left
+        assert not room.peers(room_id)[avatar_id].joined
+    finally:
+        room.delay_requests.clear()
         await agent.close()

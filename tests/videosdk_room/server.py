@@ -77,6 +77,8 @@ class LoopbackVideoSdkRoom(Sfu):
         self.protocol_errors: list[str] = []  # garbage the room ignored, for tests
         # method -> (errorCode, errorReason): answer those requests ok: false (failure paths)
         self.fail_requests: dict[str, tuple[int, str]] = {}
+        # (peer id, method) -> seconds the room waits before handling it (a slow room)
+        self.delay_requests: dict[tuple[str, str], float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -362,6 +364,8 @@ class LoopbackVideoSdkRoom(Sfu):
                 data = {}
             if str(method) in self.fail_requests:
                 raise Reject(*self.fail_requests[str(method)])
+            if delay := self.delay_requests.get((peer.peer_id, str(method))):
+                await asyncio.sleep(delay)
             handler = self._handlers.get(str(method))
             result: Any = {}
             if handler is not None:
