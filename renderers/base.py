@@ -87,6 +87,19 @@ class FrameRenderer(ABC):
     def render(self, jobs: Sequence[RenderJob]) -> list[np.ndarray]:
         """One I420 frame per job, in order.  ``len(jobs) <= max_batch``."""
 
+    def render_into(self, jobs: Sequence[RenderJob], out: Sequence[np.ndarray]) -> None:
+        """Draw job ``k``'s frame into ``out[k]`` (a frame ring slot, in shared memory).
+
+        Renderers that can compose in place override this, so the renderer
+        process writes each frame once, into the slot that carries it.  The
+        default renders then copies.
+        """
+        frames = self.render(jobs)
+        if len(frames) != len(jobs):
+            raise RuntimeError(f"render() returned {len(frames)} frames for {len(jobs)} jobs")
+        for frame, target in zip(frames, out, strict=True):
+            np.copyto(target, np.asarray(frame).reshape(target.shape))
+
     @abstractmethod
     def idle_frames(self) -> list[np.ndarray]:
         """The idle loop, played (without inference) when nobody speaks."""

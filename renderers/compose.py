@@ -8,6 +8,7 @@ For each speech frame, with ``box`` the base frame's crop box (even coordinates)
          weight = the feathered mask resized to the box        }
       -> the region converted to Y, U, V                       } to_i420
       -> written over a copy of the base frame's I420          }
+         (or straight into the caller's buffer: a frame ring slot)
 
 Only the box region is converted: the base frames' I420 is computed once
 (``Avatar.i420``), and because the box has even coordinates its chroma samples
@@ -103,15 +104,25 @@ class FrameComposer:
         region = self.avatar.frames[base, y0:y1, x0:x1].astype(np.float32)
         return region + self._mask(size) * (resized - region)
 
-    def to_i420(self, base: int, region: np.ndarray) -> np.ndarray:
-        """Base frame ``base`` in I420 with its box replaced by ``region``."""
+    def to_i420(self, base: int, region: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Base frame ``base`` in I420 with its box replaced by ``region``, written into
+        ``out`` when given (e.g. a frame ring slot: no temporary frame)."""
         x0, y0 = self.avatar.boxes[base][:2]
-        out = self.avatar.i420[base].copy()
+        if out is None:
+            out = self.avatar.i420[base].copy()
+        else:
+            np.copyto(out, self.avatar.i420[base])
         write_region(out, region, int(x0), int(y0))
         return out
 
-    def compose(self, bases: Sequence[int], faces: np.ndarray) -> list[np.ndarray]:
-        return [self.to_i420(b, self.paste(b, f)) for b, f in zip(bases, faces, strict=True)]
+    def compose(
+        self, bases: Sequence[int], faces: np.ndarray, out: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        targets = out if out is not None else [None] * len(bases)
+        return [
+            self.to_i420(b, self.paste(b, f), t)
+            for b, f, t in zip(bases, faces, targets, strict=True)
+        ]
 
     def _mask(self, size: tuple[int, int]) -> np.ndarray:
         mask = self._masks.get(size)
@@ -167,10 +178,15 @@ class TorchFrameComposer:
         out[h + q :].view(h // 2, w // 2)[cy : cy + ch, cx : cx + cw] = self._to_u8(chroma[1])
         return out
 
-    def compose(self, bases: Sequence[int], faces) -> list[np.ndarray]:
-        """Compose a batch and bring the finished frames to the host in one copy."""
+    def compose(self, bases: Sequence[int], faces, out: Sequence[np.ndarray] | None = None):
+        """Compose a batch and bring the finished frames to the host: in one copy, or
+        each straight into its buffer in ``out`` (frame ring slots)."""
         frames = [self.to_i420(b, self.paste(b, f)) for b, f in zip(bases, faces, strict=True)]
-        return list(self._torch.stack(frames).cpu().numpy())
+        if out is None:
+            return list(self._torch.stack(frames).cpu().numpy())
+        for frame, target in zip(frames, out, strict=True):
+            self._torch.from_numpy(target).copy_(frame.reshape(target.shape))
+        return list(out)
 
     def _to_u8(self, values):
         return (values + 0.5).clamp_(0.0, 255.0).to(self._torch.uint8)

@@ -50,6 +50,11 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class IdleSegment(msgspec.Struct, tag=True):
+    """Publish your idle loop here (and after every weight swap).  Descriptor: the
+    :class:`~renderers.idle_loop.IdleLoop` segment, shared by every session."""
+
+
 # -- messages: renderer -> supervisor ------------------------------------------
 
 
@@ -82,7 +87,17 @@ class Detached(msgspec.Struct, tag=True):
     reason: str
 
 
-Message = Attach | Detach | SwapWeights | Shutdown | Ready | StartFailed | SwapResult | Detached
+Message = (
+    Attach
+    | Detach
+    | SwapWeights
+    | Shutdown
+    | IdleSegment
+    | Ready
+    | StartFailed
+    | SwapResult
+    | Detached
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

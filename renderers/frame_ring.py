@@ -26,10 +26,10 @@ sample position of the slot's first audio sample; ``epoch`` the interrupt
 epoch of the audio it was rendered from.
 
 Flags: ``SPEECH`` (a rendered frame, its audio plays while it is shown),
-``IDLE`` (a frame of the idle loop; ``pts`` is its index in the loop, no
-audio, never stale), ``SEGMENT_END`` (the last slot of a segment; with
-``IDLE`` it marks the end of the idle loop; on its own, without a frame, it
-ends a segment that had no audio).
+``IDLE`` (no frame, no audio, never stale: the renderer's idle loop was
+published in the shared :class:`~renderers.idle_loop.IdleLoop` segment;
+``pts`` is its generation), ``SEGMENT_END`` (the last slot of a segment; on
+its own, without a frame, it ends a segment that had no audio).
 
 Slot state machine (slot index ``i``)::
 
@@ -56,7 +56,7 @@ import numpy as np
 from .shm import Doorbell, Segment
 
 MAGIC = 0x46524D52  # "FRMR"
-VERSION = 1
+VERSION = 2  # 2: IDLE slots announce the shared idle loop instead of carrying its frames
 HEADER_BYTES = 192
 SLOT_HEADER = 64
 SPEECH, IDLE, SEGMENT_END = 1, 2, 4
@@ -200,6 +200,21 @@ class FrameRing:
             return None
         i = head % self.geometry.slots
         return self._video[i], self._audio[i]
+
+    def slots_for_write(self, n: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """``(video, audio)`` views of the next ``n`` free slots, or ``None`` if fewer are free.
+
+        The renderer draws a batch straight into them; the ``k``-th is the slot
+        the ``k``-th following :meth:`publish` publishes (publish them in order;
+        the ones never published simply stay free).
+        """
+        head = self._words[_HEAD]
+        if head - self._words[_TAIL] + n > self.geometry.slots:
+            return None
+        slots = self.geometry.slots
+        return [
+            (self._video[(head + k) % slots], self._audio[(head + k) % slots]) for k in range(n)
+        ]
 
     def publish(self, *, epoch: int, pts: int, flags: int, n_audio: int = 0) -> int:
         """Publish the slot filled via :meth:`slot_for_write`; returns its ``seq``."""

@@ -156,6 +156,17 @@ class LipSyncRenderer(FrameRenderer):
         return self.avatar.idle
 
     def render(self, jobs: Sequence[RenderJob]) -> list[np.ndarray]:
+        return self._draw(jobs, None)
+
+    def render_into(self, jobs: Sequence[RenderJob], out: Sequence[np.ndarray]) -> None:
+        """Compose each frame straight into ``out`` (the frame ring slots)."""
+        if len(out) != len(jobs):
+            raise ValueError(f"{len(out)} buffers for {len(jobs)} jobs")
+        self._draw(jobs, out)
+
+    def _draw(
+        self, jobs: Sequence[RenderJob], out: Sequence[np.ndarray] | None
+    ) -> list[np.ndarray]:
         if not jobs:
             return []
         for job in jobs:
@@ -180,15 +191,16 @@ class LipSyncRenderer(FrameRenderer):
             timings.inference = time.perf_counter() - start
         if isinstance(composer, TorchFrameComposer):
             start = time.perf_counter()
-            frames = composer.compose(bases, faces)
+            frames = composer.compose(bases, faces, out)
             timings.compose = time.perf_counter() - start
         else:
             frames = []
-            for base, face in zip(bases, faces, strict=True):
+            targets = out if out is not None else [None] * len(jobs)
+            for base, face, target in zip(bases, faces, targets, strict=True):
                 t0 = time.perf_counter()
                 region = composer.paste(base, face)
                 t1 = time.perf_counter()
-                frames.append(composer.to_i420(base, region))
+                frames.append(composer.to_i420(base, region, target))
                 timings.compose += t1 - t0
                 timings.convert += time.perf_counter() - t1
         self.timings = timings

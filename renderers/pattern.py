@@ -46,13 +46,17 @@ class PatternRenderer(FrameRenderer):
         return self._idle
 
     def render(self, jobs: Sequence[RenderJob]) -> list[np.ndarray]:
-        out = []
-        for job in jobs:
-            audio = job.span.audio.astype(np.float32)
-            rms = float(np.sqrt(np.mean(audio**2))) if audio.size else 0.0
-            click = bool(audio.size and np.abs(audio).max() >= self.click_level)
-            out.append(self._frame(min(1.0, rms / 4000.0), click))
-        return out
+        return [self._frame(*self._look(job)) for job in jobs]
+
+    def render_into(self, jobs: Sequence[RenderJob], out: Sequence[np.ndarray]) -> None:
+        for job, target in zip(jobs, out, strict=True):
+            self._frame(*self._look(job), out=target)
+
+    def _look(self, job: RenderJob) -> tuple[float, bool]:
+        audio = job.span.audio.astype(np.float32)
+        rms = float(np.sqrt(np.mean(audio**2))) if audio.size else 0.0
+        click = bool(audio.size and np.abs(audio).max() >= self.click_level)
+        return min(1.0, rms / 4000.0), click
 
     def mouth_box(self) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of the mouth area in the full frame."""
@@ -70,8 +74,10 @@ class PatternRenderer(FrameRenderer):
             luma[eye] = 40
         return luma
 
-    def _frame(self, openness: float, click: bool, breathe: float = 0.0) -> np.ndarray:
-        frame = np.empty(self._shape, np.uint8)
+    def _frame(
+        self, openness: float, click: bool, breathe: float = 0.0, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        frame = np.empty(self._shape, np.uint8) if out is None else out.reshape(self._shape)
         frame[self.height :] = 128
         y_plane = frame[: self.height]
         y_plane[:] = self._base

@@ -10,9 +10,9 @@ its supervisor disappears (end-of-file on the control socket).
 One turn of the loop::
 
     heartbeat ─▶ control messages ─▶ per session: follow the epoch, read audio
-    into render jobs, write idle frames and frameless segment ends ─▶ pick a
-    batch (earliest deadline first, across sessions) ─▶ render it ─▶ write each
-    frame with its audio into its session's frame ring
+    into render jobs, write idle-loop notices and frameless segment ends ─▶ pick
+    a batch (earliest deadline first, across sessions) ─▶ render it straight
+    into the sessions' free frame ring slots ─▶ publish each slot with its audio
     ─▶ nothing to do?  wait on every doorbell, the control socket and the
        sessions' pidfds (epoll), at most one heartbeat interval
 
@@ -26,8 +26,19 @@ frames only stalls itself.
 Interrupts: a session's epoch (``max(epoch, floor_epoch)`` of its audio ring)
 is checked every turn and again after every render; audio records and jobs of
 an older epoch are discarded, rendered frames of an older epoch are not
-written.  Idle frames cost no inference: the renderer's idle loop is sent once
-per attach, as ``IDLE`` slots ahead of any speech.
+written (the slot they were drawn into stays free).
+
+Frames are composed straight into shared memory: each job of a batch gets a
+view of the free slot it will be published in
+(:meth:`~renderers.frame_ring.FrameRing.slots_for_write`) and the renderer
+writes the frame there (:meth:`~renderers.base.FrameRenderer.render_into`),
+so a frame is never built in a temporary and copied.
+
+Idle frames cost no inference and are not sent per session: the renderer
+writes its idle loop once into the shared :class:`~renderers.idle_loop.IdleLoop`
+segment its supervisor hands it (``IdleSegment``), again after a weight swap,
+and tells each session with one frameless ``IDLE`` slot (at attach and after
+each publish).
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from .control import (
     ControlChannel,
     Detach,
     Detached,
+    IdleSegment,
     Ready,
     SessionRings,
     Shutdown,
@@ -65,6 +77,7 @@ from .control import (
 )
 from .factory import load_factory
 from .frame_ring import IDLE, SEGMENT_END, SPEECH, samples_per_frame_max
+from .idle_loop import IdleLoop
 from .shm import PassFd, close_fds
 
 logger = logging.getLogger(__name__)
@@ -81,7 +94,7 @@ class _Session:
     epoch: int
     owner: int | None = None  # pidfd of the session process
     queue: deque = field(default_factory=deque)  # RenderJob | _END, all of ``epoch``
-    idle: deque = field(default_factory=deque)  # (index, frame) still to send
+    idle_notice: bool = True  # an IDLE slot (the loop's generation) is still to send
 
     def current_epoch(self) -> int:
         audio = self.rings.audio
@@ -106,6 +119,7 @@ class RenderLoop:
         self.max_batch = max(1, int(getattr(renderer, "max_batch", 1)))
         self.sessions: dict[int, _Session] = {}
         self._idle = [np.ascontiguousarray(f) for f in renderer.idle_frames()]
+        self.idle_loop: IdleLoop | None = None  # shared with every session (IdleSegment)
         self._fps = Fraction(renderer.fps).limit_denominator(1001)
         self._order = itertools.count()
         self._running = True
@@ -148,6 +162,9 @@ class RenderLoop:
         for session in list(self.sessions.values()):
             self._drop(session, None)
         self._selector.close()
+        if self.idle_loop is not None:
+            self.idle_loop.close()
+            self.idle_loop = None
         self.renderer.close()
 
     def _wait(self) -> None:
@@ -177,12 +194,19 @@ class RenderLoop:
             if isinstance(msg, Attach):
                 self._attach(msg, fds)
                 continue
+            if isinstance(msg, IdleSegment):
+                self._use_idle_segment(fds)
+                continue
             close_fds(fds)
             if isinstance(msg, Detach):
                 if msg.session_id in self.sessions:
                     self._drop(self.sessions[msg.session_id], None)
             elif isinstance(msg, SwapWeights):
-                self.channel.send(self._swap(msg))
+                result = self._swap(msg)
+                if result.ok:  # the avatar (and so its idle loop) may have changed
+                    self._idle = [np.ascontiguousarray(f) for f in self.renderer.idle_frames()]
+                    self._publish_idle()
+                self.channel.send(result)
             elif isinstance(msg, Shutdown):
                 self._running = False
             else:
@@ -213,13 +237,42 @@ class RenderLoop:
         session = _Session(msg.session_id, rings, self.renderer.open_stream(), next(self._order), 0)
         session.epoch = session.current_epoch()
         session.owner = owner
-        session.idle.extend(enumerate(self._idle))
         self.sessions[session.id] = session
         for bell in (rings.audio.data_bell, rings.frames.free_bell):
             self._selector.register(bell.fd, selectors.EVENT_READ, ("bell", bell))
         if owner is not None:
             self._selector.register(owner, selectors.EVENT_READ, ("owner", session))
         self.status.words[StatusBlock.SESSIONS] = len(self.sessions)
+
+    def _use_idle_segment(self, fds: list[int]) -> None:
+        close_fds(fds[1:])
+        if not fds:
+            logger.warning("IdleSegment without a descriptor")
+            return
+        try:
+            loop = IdleLoop.from_fd(fds[0], readonly=False)
+        except (ValueError, OSError) as exc:
+            logger.error("the idle loop segment cannot be opened: %s", exc)
+            return
+        r = self.renderer
+        if (loop.width, loop.height) != (r.width, r.height):
+            logger.error(
+                "the idle loop segment is %dx%d, the renderer draws %dx%d",
+                *(loop.width, loop.height, r.width, r.height),
+            )
+            loop.close()
+            return
+        if self.idle_loop is not None:
+            self.idle_loop.close()
+        self.idle_loop = loop
+        self._publish_idle()
+
+    def _publish_idle(self) -> None:
+        if self.idle_loop is None:
+            return
+        self.idle_loop.publish(self._idle)
+        for session in self.sessions.values():
+            session.idle_notice = True
 
     def _geometry_problem(self, rings: SessionRings) -> str | None:
         r, g = self.renderer, rings.frames.geometry
@@ -289,10 +342,10 @@ class RenderLoop:
                 s.queue.extend(s.stream.end_segment() or [_END])
         if consumed:
             audio.notify_space()
-        while s.idle and frames.free_slots:
-            index, image = s.idle.popleft()
-            flags = IDLE | (SEGMENT_END if not s.idle else 0)
-            frames.write(image, None, epoch=s.epoch, pts=index, flags=flags)
+        generation = 0 if self.idle_loop is None else self.idle_loop.generation
+        if s.idle_notice and generation and frames.free_slots:
+            frames.write(None, None, epoch=s.epoch, pts=generation, flags=IDLE)
+            s.idle_notice = False
         while s.queue and s.queue[0] is _END and frames.free_slots:
             s.queue.popleft()
             frames.write(None, None, epoch=s.epoch, pts=0, flags=SEGMENT_END)
@@ -301,8 +354,6 @@ class RenderLoop:
         """Earliest deadline first across sessions, at most ``max_batch`` jobs."""
         candidates = []
         for s in self.sessions.values():
-            if s.idle:
-                continue
             ahead = s.rings.frames.used
             room = min(s.rings.frames.free_slots, self.max_batch)
             for k, item in enumerate(itertools.islice(s.queue, room)):
@@ -318,20 +369,31 @@ class RenderLoop:
 
     def _render(self, batch: list[tuple[_Session, RenderJob]]) -> None:
         epochs = [s.epoch for s, _ in batch]
-        images = self.renderer.render([job for _, job in batch])
-        if len(images) != len(batch):
-            raise RuntimeError(f"render() returned {len(images)} frames for {len(batch)} jobs")
+        # Each job is drawn straight into the free slot it will be published in: a
+        # session's jobs are a prefix of its queue and take its next free slots in order.
+        slots: dict[_Session, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for s, _ in batch:
+            if s not in slots:
+                n = sum(1 for t, _ in batch if t is s)
+                reserved = s.rings.frames.slots_for_write(n)
+                if reserved is None:
+                    raise RuntimeError("frame ring full although a slot was reserved")
+                slots[s] = reserved
+        taken = {s: iter(views) for s, views in slots.items()}
+        targets = [next(taken[s]) for s, _ in batch]
+        self.renderer.render_into([job for _, job in batch], [video for video, _ in targets])
         words = self.status.words
         words[StatusBlock.FRAMES] += len(batch)
         words[StatusBlock.RENDER_CALLS] += 1
-        for (s, job), epoch, image in zip(batch, epochs, images, strict=True):
+        for (s, job), epoch, (_, audio) in zip(batch, epochs, targets, strict=True):
             if s.id not in self.sessions or s.current_epoch() != epoch or s.epoch != epoch:
                 words[StatusBlock.STALE] += 1  # interrupted while it was being drawn
                 continue
             flags = SPEECH | (SEGMENT_END if job.span.segment_end else 0)
             span = job.span
-            if not s.rings.frames.write(image, span.audio, epoch=epoch, pts=span.pts, flags=flags):
-                raise RuntimeError("frame ring full although a slot was reserved")
+            n_audio = len(span.audio)
+            audio[:n_audio] = span.audio
+            s.rings.frames.publish(epoch=epoch, pts=span.pts, flags=flags, n_audio=n_audio)
 
 
 class _KeepBeating:

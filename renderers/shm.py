@@ -37,17 +37,19 @@ from multiprocessing.context import get_spawning_popen
 class Segment:
     """A shared memory mapping backed by an anonymous memfd.
 
-    ``buf`` is a writable memoryview of the whole segment.  ``fd`` stays open
-    while the segment may still be handed to another process; a peer that only
-    needs the mapping attaches with ``keep_fd=False`` and holds no descriptor.
+    ``buf`` is a memoryview of the whole segment, writable unless mapped with
+    ``readonly=True`` (``PROT_READ``: a stray write faults instead of reaching
+    the other processes).  ``fd`` stays open while the segment may still be
+    handed to another process; a peer that only needs the mapping attaches
+    with ``keep_fd=False`` and holds no descriptor.
     """
 
-    def __init__(self, fd: int, *, keep_fd: bool = True) -> None:
+    def __init__(self, fd: int, *, keep_fd: bool = True, readonly: bool = False) -> None:
         size = os.fstat(fd).st_size
         if size <= 0:
             raise ValueError("shared memory segment is empty (was it created?)")
         self.size = size
-        self._mmap = mmap.mmap(fd, size)
+        self._mmap = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
         self.buf = memoryview(self._mmap)
         self.fd: int | None = fd
         if not keep_fd:

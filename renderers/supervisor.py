@@ -24,6 +24,13 @@ new epoch and it renders on the new process.  Frames already in the frame
 ring stay valid.  In-process listeners also get :attr:`Supervisor.on_restart`
 (called from the watcher thread).
 
+The idle loop: the supervisor creates one :class:`~renderers.idle_loop.IdleLoop`
+segment when its first renderer process is ready and keeps it for good; every
+renderer process it starts gets it (``IdleSegment``) and publishes its idle
+loop there, so a replacement (or a weight swap) shows up to sessions as a new
+generation of the same segment.  Sessions map it read-only
+(:meth:`Supervisor.idle_loop_fd`).
+
 Memory and descriptors: rings are memfd segments, so nothing appears in
 ``/dev/shm`` and a SIGKILLed process leaks nothing; the supervisor keeps its
 own duplicate of each attached session's descriptors (to re-attach after a
@@ -57,6 +64,7 @@ from .control import (
     ControlChannel,
     Detach,
     Detached,
+    IdleSegment,
     Ready,
     SessionRings,
     Shutdown,
@@ -65,6 +73,7 @@ from .control import (
     SwapResult,
     SwapWeights,
 )
+from .idle_loop import MIN_CAPACITY, IdleLoop
 from .shm import Doorbell, PassFd
 
 logger = logging.getLogger(__name__)
@@ -142,6 +151,7 @@ class Supervisor:
         self._channel: ControlChannel | None = None
         self._status: StatusBlock | None = None
         self._wake: Doorbell | None = None
+        self._idle_loop: IdleLoop | None = None  # created at the first Ready, kept for good
         self._sessions: dict[int, _Attached] = {}
         self._swaps: dict[int, Future[None]] = {}
         self._swapped_to: str | None = None  # re-applied to a replacement process
@@ -176,6 +186,16 @@ class Supervisor:
     def pid(self) -> int | None:
         proc = self._proc
         return None if proc is None else proc.pid
+
+    def idle_loop_fd(self) -> int:
+        """A new descriptor of the shared idle loop segment, for one session (the caller
+        owns it: map it with :meth:`IdleLoop.from_fd <renderers.idle_loop.IdleLoop.from_fd>`,
+        or pass it to a session process and close it)."""
+        self._require_running()
+        with self._lock:
+            if self._idle_loop is None:
+                raise RuntimeError("the supervisor has no idle loop segment")
+            return os.dup(self._idle_loop.fd)
 
     def attach(self, rings: SessionRings, *, owner_pid: int | None = None) -> int:
         """Have the renderer serve ``rings``; returns the session id.
@@ -267,10 +287,10 @@ class Supervisor:
             for session in self._sessions.values():
                 self._release(session)
             self._sessions.clear()
-            for resource in (self._status, self._wake):
+            for resource in (self._status, self._wake, self._idle_loop):
                 if resource is not None:
                     resource.close()
-            self._status = self._wake = None
+            self._status = self._wake = self._idle_loop = None
 
     def __enter__(self) -> Supervisor:
         if self._watcher is None:
@@ -299,6 +319,7 @@ class Supervisor:
         self._proc, self._channel = proc, channel
         try:
             self.info = self._await_ready(proc, channel)
+            self._send_idle_segment(channel, self.info)
             if self._swapped_to is not None:
                 self._reapply_swap(channel, self._swapped_to)
         except BaseException:
@@ -330,6 +351,17 @@ class Supervisor:
         raise RendererStartError(
             f"the renderer process did not become ready within {self.start_timeout:.0f} s"
         )
+
+    def _send_idle_segment(self, channel: ControlChannel, info: Ready) -> None:
+        """Hand the (new) process the shared idle loop segment; it publishes at once."""
+        loop = self._idle_loop
+        if loop is not None and (loop.width, loop.height) != (info.width, info.height):
+            loop.close()  # sessions attached before keep their own mapping of the old one
+            loop = self._idle_loop = None
+        if loop is None:
+            capacity = max(info.idle_frames, MIN_CAPACITY)
+            loop = self._idle_loop = IdleLoop.create(info.width, info.height, capacity)
+        channel.send(IdleSegment(), [loop.fd])
 
     def _reapply_swap(self, channel: ControlChannel, path: str) -> None:
         channel.send(SwapWeights(0, path))

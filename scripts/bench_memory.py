@@ -50,7 +50,7 @@ def memory() -> dict[str, float]:
     }
 
 
-def session_main(rings, width: int, height: int, seconds: float, speech: float, conn) -> None:
+def session_main(rings, idle, width: int, height: int, seconds: float, speech: float, conn) -> None:
     """The session process: import, report the baseline, attach, play, report."""
     import gc
 
@@ -69,7 +69,10 @@ def session_main(rings, width: int, height: int, seconds: float, speech: float, 
         settings = AvatarSettings(
             video_width=width, video_height=height, video_fps=FPS, audio_sample_rate=SAMPLE_RATE
         )
-        renderer = ShmRenderer.from_rings(rings, settings=settings)
+        if idle is None:  # before the shared idle loop (the "before" figures)
+            renderer = ShmRenderer.from_rings(rings, settings=settings)
+        else:
+            renderer = ShmRenderer.from_rings(rings, settings=settings, idle=idle)
         await renderer.wait_ready(60)
         agent = LocalAgent(SAMPLE_RATE)
         session = ServerSession(agent, renderer, settings, jitter_frames=4)
@@ -85,7 +88,7 @@ def session_main(rings, width: int, height: int, seconds: float, speech: float, 
         ]
         await asyncio.sleep(seconds)
         gc.collect()
-        idle = memory()
+        idling = memory()
         t = np.arange(int(speech * SAMPLE_RATE)) / SAMPLE_RATE
         pcm = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
         await agent.speak(pcm, speed=1.0)
@@ -101,7 +104,7 @@ def session_main(rings, width: int, height: int, seconds: float, speech: float, 
         await session.aclose()
         await agent.aclose()
         await renderer.aclose()
-        return {"idle": idle, "speech": spoke}
+        return {"idle": idling, "speech": spoke}
 
     conn.send(("attached", run_async(run())))
 
@@ -121,7 +124,12 @@ def measure(width: int, height: int, idle_frames: int, seconds: float, speech: f
         rings = SessionRings.create(width=width, height=height, fps=FPS, sample_rate=SAMPLE_RATE)
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        args = (rings, width, height, seconds, speech, child)
+        idle = None
+        if hasattr(supervisor, "idle_loop_fd"):
+            from renderers.idle_loop import IdleLoop
+
+            idle = IdleLoop.from_fd(supervisor.idle_loop_fd(), keep_fd=True)
+        args = (rings, idle, width, height, seconds, speech, child)
         proc = ctx.Process(target=session_main, args=args, name="avatar-session-memory")
         proc.start()
         child.close()
@@ -130,6 +138,8 @@ def measure(width: int, height: int, idle_frames: int, seconds: float, speech: f
             assert kind == "baseline"
             session_id = supervisor.attach(rings, owner_pid=proc.pid)
             rings.close()
+            if idle is not None:
+                idle.close()
             parent.send("go")
             kind, attached = parent.recv()
             assert kind == "attached"

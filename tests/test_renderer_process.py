@@ -19,6 +19,7 @@ from conftest import shm_entries
 from renderers.base import FrameRenderer, RenderJob, RenderStream, i420_shape
 from renderers.control import SessionRings
 from renderers.frame_ring import IDLE, SEGMENT_END, SPEECH
+from renderers.idle_loop import IdleLoop
 from renderers.supervisor import RendererStartError, RestartEvent, Supervisor, SwapWeightsError
 
 W, H, FPS, SR = 32, 24, 25, 24_000
@@ -102,14 +103,14 @@ class Reader:
 
     def __init__(self, rings: SessionRings) -> None:
         self.rings = rings
-        self.idle: list[tuple[int, int, np.ndarray]] = []
+        self.idle: list[tuple[int, int]] = []  # (pts: the idle loop's generation, flags)
         self.slots: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []
 
     def poll(self) -> None:
         frames = self.rings.frames
         while (slot := frames.peek()) is not None:
             if slot.flags & IDLE:
-                self.idle.append((slot.pts, slot.flags, slot.video.copy()))
+                self.idle.append((slot.pts, slot.flags))
             else:
                 self.slots.append(
                     (slot.epoch, slot.pts, slot.flags, slot.video.copy(), slot.audio.copy())
@@ -207,13 +208,15 @@ def test_frames_come_back_with_their_exact_audio(make_rings) -> None:
         rings.audio.put_pcm_blocking(second)
         assert rings.audio.end_segment()
         reader.until(lambda r: sum(bool(s[2] & SEGMENT_END) for s in r.slots) == 2)
-        # The idle loop arrives once, before any speech, and costs no render call.
-        assert [(pts, fl) for pts, fl, _ in reader.idle] == [
-            (0, IDLE),
-            (1, IDLE),
-            (2, IDLE | SEGMENT_END),
-        ]
-        assert [int(v[0, 0]) for _, _, v in reader.idle] == [16, 17, 18]
+        # The idle loop is not sent: one frameless notice says it is published, once per
+        # renderer, in the shared segment (generation 1); it costs no render call.
+        assert reader.idle == [(1, IDLE)]
+        loop = IdleLoop.from_fd(sup.idle_loop_fd())
+        try:
+            assert len(loop) == 3 and loop.generation == 1
+            assert [loop.read(i, lambda v: int(v[0, 0]))[2] for i in range(3)] == [16, 17, 18]
+        finally:
+            loop.close()
         slots = reader.segment(0)
         n_first = next(i for i, s in enumerate(slots) if s[1] & SEGMENT_END) + 1
         assert n_first == int(np.ceil(first.size / SPF))
@@ -228,7 +231,7 @@ def test_epoch_bump_discards_stale_work(make_rings) -> None:
         rings = make_rings(slots=4)
         sup.attach(rings)
         reader = Reader(rings)
-        reader.until(lambda r: len(r.idle) == 3)
+        reader.until(lambda r: len(r.idle) == 1)
         rings.audio.put_pcm_blocking(speech(10.0, 3))  # 250 frames, nobody reads them
         deadline = time.monotonic() + 10
         while rings.frames.used < 4 and time.monotonic() < deadline:
@@ -253,8 +256,8 @@ def test_sessions_are_batched_together(make_rings, tmp_path) -> None:
         sup.attach(a)
         sup.attach(b)
         ra, rb = Reader(a), Reader(b)
-        ra.until(lambda r: len(r.idle) == 3)
-        rb.until(lambda r: len(r.idle) == 3)
+        ra.until(lambda r: len(r.idle) == 1)
+        rb.until(lambda r: len(r.idle) == 1)
         # Freeze the renderer so both sessions' audio is waiting when it looks next.
         os.kill(sup.pid, signal.SIGSTOP)
         try:
@@ -363,7 +366,7 @@ def test_dead_session_is_dropped_and_others_keep_being_served(make_rings) -> Non
         ours = make_rings()
         our_id = sup.attach(ours)
         reader = Reader(ours)
-        reader.until(lambda r: len(r.idle) == 3)
+        reader.until(lambda r: len(r.idle) == 1)
         deadline = time.monotonic() + 10
         while sup.stats()["frames"] < 5 and time.monotonic() < deadline:
             time.sleep(0.05)  # the other session is being served
@@ -392,7 +395,7 @@ def test_hung_renderer_is_killed_and_replaced(make_rings) -> None:
         rings = make_rings()
         sup.attach(rings)
         reader = Reader(rings)
-        reader.until(lambda r: len(r.idle) == 3)
+        reader.until(lambda r: len(r.idle) == 1)
         hung = sup.pid
         os.kill(hung, signal.SIGSTOP)  # alive, but its loop no longer turns
         assert restarts.happened.wait(15)
@@ -451,7 +454,7 @@ def test_a_failing_session_is_dropped_and_the_others_keep_being_served(make_ring
         bad, good = make_rings(), make_rings()
         bad_id, good_id = sup.attach(bad), sup.attach(good)
         reader = Reader(good)
-        reader.until(lambda r: len(r.idle) == 3)
+        reader.until(lambda r: len(r.idle) == 1)
         bad.audio.put_pcm_blocking(np.full(2000, POISON, np.int16))
         deadline = time.monotonic() + 10
         while bad_id in sup.session_ids and time.monotonic() < deadline:

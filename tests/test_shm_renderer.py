@@ -16,6 +16,7 @@ from av import AudioFrame, VideoFrame
 from conftest import shm_entries
 
 from renderers.control import SessionRings
+from renderers.idle_loop import IdleLoop
 from renderers.pattern import PatternRenderer
 from renderers.supervisor import RestartEvent, Supervisor
 from worker.inprocess_renderer import InProcessRenderer
@@ -189,7 +190,10 @@ async def test_rings_attached_by_another_owner(no_leaks) -> None:
     await asyncio.to_thread(supervisor.start)
     made = SessionRings.create(width=W, height=H, fps=FPS, sample_rate=SR)
     supervisor.attach(made)
-    renderer = ShmRenderer.from_rings(SessionRings.from_fds([os.dup(fd) for fd in made.fds()]))
+    renderer = ShmRenderer.from_rings(
+        SessionRings.from_fds([os.dup(fd) for fd in made.fds()]),
+        idle=IdleLoop.from_fd(supervisor.idle_loop_fd()),
+    )
     made.close()
     try:
         await renderer.wait_ready(10)

@@ -5,8 +5,17 @@ its frame ring.  For each speech slot the iterator yields a ``VideoFrame``
 (yuv420p) then an ``AudioFrame`` (s16 mono, exactly the slot's samples), both
 with ``pts`` = the slot's stream sample position and ``time_base`` =
 ``1/sample_rate``, and ``AudioSegmentEnd()`` after a slot flagged
-``SEGMENT_END``.  The idle loop arrives once, as ``IDLE`` slots, and is kept
-for :meth:`ShmRenderer.idle_frames`.
+``SEGMENT_END``.
+
+The idle loop is not copied into the session: it lives once per renderer in
+a shared segment (:mod:`renderers.idle_loop`) that this session maps
+read-only.  :meth:`ShmRenderer.idle_frames` returns :class:`SharedIdleFrames`,
+a sequence that builds the ``VideoFrame`` of an idle tick from the mapped
+bytes when it is asked for (one frame's copy, the last one kept for a tick
+that shows it again), from whatever generation is current, so a renderer
+restart or a new avatar is picked up at the next idle tick.  An ``IDLE`` slot
+in the frame ring (no frame) says the loop is published: :meth:`wait_ready`
+waits for the first one.
 
 ``reset_stream()`` (interrupt) bumps the audio ring's epoch: the renderer
 drops queued audio and work in flight, and slots of older epochs are dropped
@@ -28,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -37,6 +46,7 @@ from av import AudioFrame, AudioResampler, VideoFrame
 
 from renderers.control import SessionRings
 from renderers.frame_ring import IDLE, SEGMENT_END, SPEECH
+from renderers.idle_loop import IdleLoop
 from renderers.supervisor import Supervisor
 
 from .types import AudioSegmentEnd, AvatarRenderer, AvatarSettings
@@ -44,6 +54,56 @@ from .types import AudioSegmentEnd, AvatarRenderer, AvatarSettings
 logger = logging.getLogger(__name__)
 
 _END = AudioSegmentEnd()
+
+
+class SharedIdleFrames(Sequence[VideoFrame]):
+    """The renderer's idle loop as ``VideoFrame``s, built on demand from shared memory.
+
+    ``frames[i]`` is frame ``i`` modulo the current loop's length (so a loop
+    that changed length under an index still answers); only the last frame
+    built is kept.  Empty while nothing is published or after :meth:`close`.
+    """
+
+    def __init__(self, loop: IdleLoop | None) -> None:
+        self._loop = loop
+        self._last: tuple[int, int, VideoFrame] | None = None  # generation, index, frame
+        self.built = 0  # frames built from the mapping (a copy each)
+
+    def __len__(self) -> int:
+        return 0 if self._loop is None else len(self._loop)
+
+    def __iter__(self) -> Iterator[VideoFrame]:
+        for i in range(len(self)):  # __getitem__ wraps around: iterate by length
+            yield self[i]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        loop = self._loop
+        if loop is None:
+            raise IndexError("no idle loop")
+        count = len(loop)
+        last = self._last
+        if last is not None and count and (last[0], last[1]) == (loop.generation, index % count):
+            return last[2]
+        read = loop.read(index, self._build)
+        if read is None:
+            raise IndexError("no idle loop")
+        self._last = read
+        return read[2]
+
+    def _build(self, image: np.ndarray) -> VideoFrame:
+        self.built += 1
+        return VideoFrame.from_ndarray(image, format="yuv420p")
+
+    @property
+    def generation(self) -> int:
+        return 0 if self._loop is None else self._loop.generation
+
+    def close(self) -> None:
+        loop, self._loop, self._last = self._loop, None, None
+        if loop is not None:
+            loop.close()
 
 
 class ShmRenderer(AvatarRenderer):
@@ -58,6 +118,7 @@ class ShmRenderer(AvatarRenderer):
         session_id: int | None = None,
         owns_supervisor: bool = False,
         write_timeout: float | None = None,
+        idle: IdleLoop | None = None,
     ) -> None:
         g = rings.frames.geometry
         if settings is not None:
@@ -80,8 +141,7 @@ class ShmRenderer(AvatarRenderer):
         self._epoch = rings.audio.epoch
         self._generation = rings.audio.generation
         self._out: deque[tuple[VideoFrame, AudioFrame] | AudioSegmentEnd] = deque()
-        self._idle: list[VideoFrame] = []
-        self._idle_building: list[VideoFrame] = []
+        self._idle = SharedIdleFrames(idle)
         self._idle_ready = asyncio.Event()
         self._slots = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,13 +156,18 @@ class ShmRenderer(AvatarRenderer):
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_rings(
-        cls, rings: SessionRings, *, settings: AvatarSettings | None = None
+        cls,
+        rings: SessionRings,
+        *,
+        settings: AvatarSettings | None = None,
+        idle: IdleLoop | None = None,
     ) -> ShmRenderer:
-        """For rings already attached to a renderer process (e.g. by the dispatcher).
+        """For rings already attached to a renderer process (e.g. by the dispatcher), and
+        that renderer's shared idle loop (mapped read-only; closed with this renderer).
 
         Await :meth:`wait_ready` before reading :meth:`idle_frames`.
         """
-        return cls(rings, settings=settings)
+        return cls(rings, settings=settings, idle=idle)
 
     @classmethod
     async def open(
@@ -121,14 +186,18 @@ class ShmRenderer(AvatarRenderer):
         if supervisor is None:
             supervisor = Supervisor(factory, kwargs, **supervisor_options)
             await asyncio.to_thread(supervisor.start)
-        rings = session_id = None
+        rings = session_id = idle = None
         try:
             info = supervisor.info
             assert info is not None
+            idle = IdleLoop.from_fd(supervisor.idle_loop_fd())
             rings = SessionRings.create(
                 width=info.width, height=info.height, fps=info.fps, sample_rate=info.sample_rate
             )
-            renderer = cls(rings, settings=settings, supervisor=supervisor, owns_supervisor=owns)
+            renderer = cls(
+                rings, settings=settings, supervisor=supervisor, owns_supervisor=owns, idle=idle
+            )
+            idle = None  # the renderer owns it now
             session_id = await asyncio.to_thread(supervisor.attach, rings)
             renderer._session_id = session_id
             await renderer.wait_ready(ready_timeout)
@@ -138,12 +207,14 @@ class ShmRenderer(AvatarRenderer):
                 supervisor.detach(session_id)
             if rings is not None:
                 rings.close()
+            if idle is not None:
+                idle.close()
             if owns:
                 await asyncio.to_thread(supervisor.close)
             raise
 
     async def wait_ready(self, timeout: float | None = 60.0) -> None:
-        """Wait until the renderer has sent its idle loop."""
+        """Wait until the renderer has published its idle loop."""
         self._start_reader()
         try:
             async with asyncio.timeout(timeout):
@@ -154,7 +225,7 @@ class ShmRenderer(AvatarRenderer):
                         await self._slots.wait()
         except TimeoutError:
             raise TimeoutError(
-                f"the renderer process sent no idle frames within {timeout:.0f} s: "
+                f"the renderer process published no idle loop within {timeout:.0f} s: "
                 "is it running and attached to this session?"
             ) from None
 
@@ -189,8 +260,9 @@ class ShmRenderer(AvatarRenderer):
         self._ends_in_flight = 0
         self._read_slots()  # free the ring's stale slots for the renderer at once
 
-    def idle_frames(self) -> list[VideoFrame]:
-        return list(self._idle)
+    def idle_frames(self) -> SharedIdleFrames:  # type: ignore[override]
+        """The shared idle loop (not a copy: frames are built when they are shown)."""
+        return self._idle
 
     def ring_depths(self) -> dict[str, int]:
         """Audio bytes the renderer has not read yet, frames this side has not read yet."""
@@ -216,6 +288,7 @@ class ShmRenderer(AvatarRenderer):
         if self._owns_supervisor and self._supervisor is not None:
             await asyncio.to_thread(self._supervisor.close)
         self.rings.close()
+        self._idle.close()
 
     # -- reading frames ---------------------------------------------------------------
     async def _frames(self) -> AsyncIterator[VideoFrame | AudioFrame | AudioSegmentEnd]:
@@ -261,13 +334,8 @@ class ShmRenderer(AvatarRenderer):
             slot = frames.peek()
             if slot is None:
                 break
-            if slot.flags & IDLE:
-                if slot.pts == 0:
-                    self._idle_building = []
-                self._idle_building.append(VideoFrame.from_ndarray(slot.video, format="yuv420p"))
-                if slot.flags & SEGMENT_END:
-                    self._idle, self._idle_building = self._idle_building, []
-                    self._idle_ready.set()
+            if slot.flags & IDLE:  # the shared idle loop is published (pts: its generation)
+                self._idle_ready.set()
             elif slot.epoch < self._epoch:
                 self.stale_slots += 1
             else:

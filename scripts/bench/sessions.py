@@ -70,25 +70,30 @@ class Trial:
 # -- a session host process ------------------------------------------------------------------
 
 
-def host_sessions(rings: list[Any], offsets: list[float], config: BenchConfig, conn) -> None:
-    """Entry point of a session host: run one session per ring pair, report each one."""
+def host_sessions(
+    rings: list[Any], idle_loops: list[Any], offsets: list[float], config: BenchConfig, conn
+) -> None:
+    """Entry point of a session host: run one session per ring pair (and its mapping of the
+    renderer's shared idle loop), report each one."""
     try:
-        conn.send(("done", run_async(_host(rings, offsets, config, conn))))
+        conn.send(("done", run_async(_host(rings, idle_loops, offsets, config, conn))))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
 
-async def _host(rings: list[Any], offsets: list[float], config: BenchConfig, conn) -> list[dict]:
+async def _host(
+    rings: list[Any], idle_loops: list[Any], offsets: list[float], config: BenchConfig, conn
+) -> list[dict]:
     from worker.shm_renderer import ShmRenderer
 
     settings = avatar_settings(config)
     pcm = speech_signal(config.duration, config.sample_rate, config.seed)
     async with contextlib.AsyncExitStack() as stack:
         sessions, consumers, agents = [], [], []
-        for pair in rings:
-            renderer = ShmRenderer.from_rings(pair, settings=settings)
+        for pair, idle in zip(rings, idle_loops, strict=True):
+            renderer = ShmRenderer.from_rings(pair, settings=settings, idle=idle)
             stack.push_async_callback(renderer.aclose)
             await renderer.wait_ready(START_TIMEOUT_S)
             agent = LocalAgent(config.sample_rate)
@@ -142,12 +147,13 @@ async def _speak_at(agent: LocalAgent, pcm: np.ndarray, when: float) -> None:
 def run_trial(config: BenchConfig, supervisor: Any, n: int) -> Trial:
     """``n`` sessions at once on ``supervisor``'s renderer process."""
     from renderers.control import SessionRings
+    from renderers.idle_loop import IdleLoop
 
     info = supervisor.info
     workers = min(n, max(1, usable_cpus() // 2))
     stagger = 1.0 / config.fps / n
     ctx = multiprocessing.get_context("spawn")
-    rings, ids, procs, conns = [], [], [], []
+    rings, idle_loops, ids, procs, conns = [], [], [], [], []
     try:
         for _ in range(n):
             rings.append(
@@ -156,12 +162,19 @@ def run_trial(config: BenchConfig, supervisor: Any, n: int) -> Trial:
                 )
             )
             ids.append(supervisor.attach(rings[-1]))
+            idle_loops.append(IdleLoop.from_fd(supervisor.idle_loop_fd(), keep_fd=True))
         for w in range(workers):
             mine = list(range(w, n, workers))
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=host_sessions,
-                args=([rings[k] for k in mine], [k * stagger for k in mine], config, child),
+                args=(
+                    [rings[k] for k in mine],
+                    [idle_loops[k] for k in mine],
+                    [k * stagger for k in mine],
+                    config,
+                    child,
+                ),
                 name="bench-session-host",
                 daemon=True,
             )
@@ -189,6 +202,8 @@ def run_trial(config: BenchConfig, supervisor: Any, n: int) -> Trial:
             supervisor.detach(session_id)
         for pair in rings:
             pair.close()
+        for idle in idle_loops:
+            idle.close()
     return _judge(config, n, per_session)
 
 

@@ -14,9 +14,11 @@ session turns into its :class:`~worker.types.AvatarRenderer` with
                session builds the frame renderer itself
                (:class:`~worker.inprocess_renderer.InProcessRenderer`).
                For the pattern renderer and debugging.
-``shm``        ``{"fds": [six descriptors]}``: the session's ring pair
-               (audio in, frames out), inherited at spawn and already
-               attached to the shared renderer process (:class:`ShmHost`).
+``shm``        ``{"fds": [six descriptors], "idle_fd": descriptor}``: the
+               session's ring pair (audio in, frames out), inherited at
+               spawn and already attached to the shared renderer process
+               (:class:`ShmHost`), and the renderer's shared idle loop
+               segment (:mod:`renderers.idle_loop`), mapped read-only.
 =============  ===========================================================
 """
 
@@ -160,12 +162,22 @@ class ShmHost(RendererHost):
             fps=s.video_fps,
             sample_rate=s.audio_sample_rate,
         )
+        try:
+            idle_fd = self.supervisor.idle_loop_fd()
+        except BaseException:
+            rings.close()
+            raise
         fds = rings.fds()
 
         async def attach(pid: int) -> None:
             await asyncio.to_thread(self.supervisor.attach, rings, owner_pid=pid)
 
-        return SessionResources({"mode": "shm", "fds": fds}, fds, attach, rings.close)
+        def release() -> None:
+            rings.close()
+            os.close(idle_fd)
+
+        spec = {"mode": "shm", "fds": fds, "idle_fd": idle_fd}
+        return SessionResources(spec, [*fds, idle_fd], attach, release)
 
     async def swap_weights(self, path: str) -> str:
         from renderers.supervisor import RendererUnavailable, SwapWeightsError
@@ -255,11 +267,14 @@ async def attach_renderer(spec: dict, settings: AvatarSettings) -> AsyncIterator
         return
     if mode == "shm":
         from renderers.control import SessionRings
+        from renderers.idle_loop import IdleLoop
 
         from ..shm_renderer import ShmRenderer
 
+        idle_fd = spec.get("idle_fd")
+        idle = None if idle_fd is None else IdleLoop.from_fd(idle_fd)
         rings = SessionRings.from_fds(list(spec["fds"]))
-        renderer = ShmRenderer.from_rings(rings, settings=settings)
+        renderer = ShmRenderer.from_rings(rings, settings=settings, idle=idle)
         try:
             await renderer.wait_ready(spec.get("ready_timeout", 60.0))
             yield AttachedRenderer(renderer, ring_depths=renderer.ring_depths)
