@@ -27,7 +27,8 @@ Protocol (one writer, the renderer process; any number of readers).
 Publish (:meth:`IdleLoop.publish`)::
 
     g = current + 1;  b = g % 2
-    seq[b] += 1                     odd: bank b is being written
+    seq[b] |= 1                     odd: bank b is being written (it may be odd
+                                    already: a renderer killed while publishing)
     frames, generation[b] = g, frames count
     seq[b] += 1                     even: bank b is complete
     current = g                     readers switch to it from their next frame
@@ -191,13 +192,16 @@ class IdleLoop:
         generation = words[_CURRENT] + 1
         bank = generation % 2
         seq = _BANK[bank]
-        words[seq] += 1  # odd: being written
+        # Odd: being written.  ``| 1`` rather than ``+ 1``: a writer killed half-way (a
+        # renderer restart) left it odd, and the bank was never made current.
+        writing = words[seq] | 1
+        words[seq] = writing
         shape = (self.height * 3 // 2, self.width)
         for i, frame in enumerate(frames):
             np.copyto(self._frame_view(bank, i), np.asarray(frame, np.uint8).reshape(shape))
         words[seq + 1] = generation
         words[seq + 2] = len(frames)
-        words[seq] += 1  # even: complete
+        words[seq] = writing + 1  # even: complete
         words[_CURRENT] = generation
         return generation
 

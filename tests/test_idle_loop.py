@@ -99,6 +99,21 @@ def test_publish_and_read_a_loop_through_a_read_only_mapping() -> None:
         loop.close()
 
 
+def test_a_publish_cut_short_by_a_killed_renderer_does_not_wedge_the_loop() -> None:
+    loop = IdleLoop.create(W, H, capacity=4)
+    reader = IdleLoop.from_fd(os.dup(loop.fd))
+    try:
+        loop.publish(loop_frames(2, 10))
+        loop._words[16] += 1  # bank 0 (generation 2) left half-written: seq odd
+        assert value(reader, 1) == 11  # readers stay on generation 1
+        assert loop.publish(loop_frames(3, 20)) == 2  # the replacement renderer
+        assert [value(reader, i) for i in range(3)] == [20, 21, 22]
+        assert loop.publish(loop_frames(1, 30)) == 3 and value(reader, 0) == 30
+    finally:
+        reader.close()
+        loop.close()
+
+
 def _republish(fd: PassFd, rounds: int, started) -> None:
     loop = IdleLoop.from_fd(fd.fd, readonly=False)
     started.set()
