@@ -499,9 +499,6 @@ class SessionManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def by_room(self, room_name: str) -> Session | None:
-        return self._rooms.get(room_name)
-
 
 # Every reason a session can end with, as a metrics label; "other" only for a reason that
 # is not listed here (a bug: add it).
