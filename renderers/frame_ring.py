@@ -46,12 +46,13 @@ Slot state machine (slot index ``i``)::
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+
+from models.timing import FrameTiming, exact_fps
 
 from .shm import Doorbell, Segment
 
@@ -90,7 +91,7 @@ class FrameRingGeometry:
 
 def samples_per_frame_max(sample_rate: int, fps: float | Fraction) -> int:
     """The most audio samples one frame can carry at this rate."""
-    return math.ceil(Fraction(sample_rate) / Fraction(fps).limit_denominator(1001))
+    return FrameTiming(fps, sample_rate).max_samples
 
 
 @dataclass(slots=True)
@@ -147,7 +148,7 @@ class FrameRing:
             raise ValueError(f"I420 frames need positive even dimensions, got {width}x{height}")
         if slots < 1:
             raise ValueError(f"a frame ring needs at least one slot, got {slots}")
-        fps = Fraction(fps).limit_denominator(1001)
+        fps = exact_fps(fps)
         max_audio = max_audio or samples_per_frame_max(sample_rate, fps)
         g = FrameRingGeometry(slots, width, height, max_audio, sample_rate, fps)
         segment = Segment.create("avatar-frame-ring", HEADER_BYTES + slots * g.slot_bytes)

@@ -52,11 +52,12 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from setproctitle import setproctitle
+
+from models.timing import exact_fps
 
 from .audio_ring import PCM, RingCorruptError
 from .base import FrameRenderer, RenderJob, RenderStream
@@ -120,7 +121,7 @@ class RenderLoop:
         self.sessions: dict[int, _Session] = {}
         self._idle = [np.ascontiguousarray(f) for f in renderer.idle_frames()]
         self.idle_loop: IdleLoop | None = None  # shared with every session (IdleSegment)
-        self._fps = Fraction(renderer.fps).limit_denominator(1001)
+        self._fps = exact_fps(renderer.fps)
         self._order = itertools.count()
         self._running = True
         self._selector = selectors.DefaultSelector()

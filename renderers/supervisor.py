@@ -2,9 +2,10 @@
 
 A :class:`Supervisor` lives in the process that owns the sessions (a session
 process, or the dispatcher).  It spawns the renderer process, attaches session
-ring pairs to it, forwards interrupts and weight swaps, and watches it from a
-background thread: the process sentinel (it died), the control socket (it
-closed), and the heartbeat word the renderer loop writes into shared memory
+ring pairs to it, forwards weight swaps (interrupts do not pass through here: a
+session bumps its audio ring's epoch), and watches it from a background thread:
+the process sentinel (it died), the control socket (it closed), and the
+heartbeat word the renderer loop writes into shared memory
 (it hangs).  A dead or hung renderer is killed and replaced, and every
 attached session is re-attached to the new one.
 
@@ -54,9 +55,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from fractions import Fraction
 from multiprocessing.connection import wait
 from typing import Any
+
+from models.timing import exact_fps
 
 from .control import (
     Attach,
@@ -512,7 +514,7 @@ class Supervisor:
             info.width,
             info.height,
             info.sample_rate,
-            Fraction(info.fps).limit_denominator(1001),
+            exact_fps(info.fps),
         )
         if (g.width, g.height, g.sample_rate, g.fps) != theirs:
             raise ValueError(

@@ -130,3 +130,24 @@ async def test_the_synchronizer_uses_the_same_frames_for_its_idle_loop() -> None
     for i in range(0, 17983, 101):
         assert sync.idle_frame(t.start(i)) is loop[i % 7]
         assert sync.idle_frame(t.end(i) - 1) is loop[i % 7]
+
+
+@pytest.mark.parametrize("fps", [29.97, Fraction(30000, 1001), 25])
+def test_the_rings_and_the_session_agree_on_the_exact_rate(fps) -> None:
+    """The frame ring carries the same exact rate the tracks and the framer use."""
+    from renderers.control import SessionRings
+    from worker.shm_renderer import ShmRenderer
+    from worker.types import AvatarSettings
+
+    rings = SessionRings.create(width=64, height=64, fps=fps, sample_rate=SR, audio_seconds=1)
+    try:
+        g = rings.frames.geometry
+        assert g.fps == exact_fps(fps) == FrameTiming(float(fps), SR).fps
+        assert g.max_audio == FrameTiming(fps, SR).max_samples
+        settings = AvatarSettings(
+            video_width=64, video_height=64, video_fps=float(fps), audio_sample_rate=SR
+        )
+        renderer = ShmRenderer(rings, settings=settings)  # raises if the rates differ
+        assert renderer.sample_rate == SR
+    finally:
+        rings.close()

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from av import AudioFrame, AudioResampler, VideoFrame
 
+from models.timing import exact_fps
 from renderers.control import SessionRings
 from renderers.frame_ring import IDLE, SEGMENT_END, SPEECH
 from renderers.idle_loop import IdleLoop
@@ -123,7 +124,7 @@ class ShmRenderer(AvatarRenderer):
         g = rings.frames.geometry
         if settings is not None:
             wanted = (settings.video_width, settings.video_height, settings.audio_sample_rate)
-            fps = Fraction(settings.video_fps).limit_denominator(1001)
+            fps = exact_fps(settings.video_fps)
             if wanted != (g.width, g.height, g.sample_rate) or fps != g.fps:
                 raise ValueError(
                     f"the avatar settings ask for {wanted[0]}x{wanted[1]} at "
