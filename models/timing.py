@@ -22,7 +22,8 @@ from fractions import Fraction
 
 VIDEO_CLOCK_RATE = 90_000  # RTP clock of video, ticks per second
 
-_NTSC_TOLERANCE = 1e-3  # 29.97 is 3e-5 from 30000/1001; 25 is 0.025 from 25000/1001
+# Relative: 29.97 is 1e-6 from 30000/1001; an integer N is 1/1001 from N * 1000/1001.
+_NTSC_TOLERANCE = 1e-4
 
 
 def exact_fps(fps: float | Fraction | int) -> Fraction:
@@ -32,7 +33,7 @@ def exact_fps(fps: float | Fraction | int) -> Fraction:
     else:
         value = float(fps)
         ntsc = Fraction(round(value * 1001 / 1000) * 1000, 1001)
-        if ntsc.denominator == 1001 and abs(value - float(ntsc)) < _NTSC_TOLERANCE:
+        if ntsc.denominator == 1001 and abs(value - float(ntsc)) < _NTSC_TOLERANCE * value:
             exact = ntsc
         else:
             exact = Fraction(value).limit_denominator(1001)

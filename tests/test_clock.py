@@ -33,6 +33,10 @@ TEN_MINUTES = 10 * 60 * SR
         (25.0, Fraction(25)),
         (24.0, Fraction(24)),
         (30, Fraction(30)),
+        (1, Fraction(1)),
+        (1.0, Fraction(1)),
+        (60.0, Fraction(60)),
+        (14.985, Fraction(15000, 1001)),
         (12.5, Fraction(25, 2)),
         (Fraction(2997, 100), Fraction(2997, 100)),  # a Fraction is taken as it is
     ],
