@@ -45,6 +45,12 @@ SCTP_PORT = 5000
 SCTP_STREAMS = 1024
 SCTP_MAX_MESSAGE_SIZE = 262144
 
+VIDEO_FEEDBACK = [
+    {"type": "nack", "parameter": ""},
+    {"type": "nack", "parameter": "pli"},
+    {"type": "goog-remb", "parameter": ""},
+]
+
 # Payload types and extension ids equal aiortc's own (the SDK's "native" capabilities),
 # so producers' and consumers' parameters need no mapping (mediasoup would remap).
 ROUTER_RTP_CAPABILITIES: dict[str, Any] = {
@@ -82,11 +88,7 @@ ROUTER_RTP_CAPABILITIES: dict[str, Any] = {
             "clockRate": 90000,
             "preferredPayloadType": 97,
             "parameters": {},
-            "rtcpFeedback": [
-                {"type": "nack", "parameter": ""},
-                {"type": "nack", "parameter": "pli"},
-                {"type": "goog-remb", "parameter": ""},
-            ],
+            "rtcpFeedback": VIDEO_FEEDBACK,
         },
         {
             "kind": "video",
@@ -106,11 +108,7 @@ ROUTER_RTP_CAPABILITIES: dict[str, Any] = {
                 "packetization-mode": 1,
                 "profile-level-id": "42e01f",
             },
-            "rtcpFeedback": [
-                {"type": "nack", "parameter": ""},
-                {"type": "nack", "parameter": "pli"},
-                {"type": "goog-remb", "parameter": ""},
-            ],
+            "rtcpFeedback": VIDEO_FEEDBACK,
         },
         {
             "kind": "video",
