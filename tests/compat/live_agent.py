@@ -57,17 +57,21 @@ def loopback_only(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
     return ["127.0.0.1"] if use_ipv4 else []
 
 
-async def speak(out: AvatarAudioOut, command: dict) -> None:
+async def speak(out: AvatarAudioOut, command: dict) -> float:
     with open(command["pcm"], "rb") as f:
         pcm = f.read()
     chunk = int(SAMPLE_RATE * command.get("chunk_ms", 40) / 1000) * 2
     pace = float(command.get("pace", 0))
     start = time.monotonic()
+    late = 0.0  # how far behind its schedule a chunk was handed over, at worst
     for i in range(0, len(pcm), chunk):
+        if pace > 0:
+            late = max(late, time.monotonic() - (start + i / 2 / SAMPLE_RATE / pace))
         await out.handle_audio_input(pcm[i : i + chunk])
         if pace > 0:
             due = start + (i + chunk) / 2 / SAMPLE_RATE / pace
             await asyncio.sleep(max(0.0, due - time.monotonic()))
+    return late
 
 
 async def main() -> int:
@@ -121,7 +125,12 @@ async def main() -> int:
         if op == "speak":
             speaking = asyncio.create_task(speak(out, command))
             speaking.add_done_callback(
-                lambda task: emit("done", op="speak", cancelled=task.cancelled())
+                lambda task: emit(
+                    "done",
+                    op="speak",
+                    cancelled=task.cancelled(),
+                    late_ms=None if task.cancelled() else round(task.result() * 1000, 1),
+                )
             )
             continue
         if speaking is not None and not speaking.done():

@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ class LoopbackVideoSdkRoom(Sfu):
     ``video_reducer(frame)``: what is kept per recorded video frame (default: the
     gray ndarray).  ``sink(room, peer, kind, MediaFrame)``: replaces recording.
     ``record_media=False``: nothing is decoded for recording.  ``forward_media=False``:
-    no newConsumer is sent (saves the relay's decode + re-encode per consumer).
+    no newConsumer is sent (saves the relay's decode + re-encode per consumer); a set
+    such as ``{"audio"}`` forwards only those kinds.
     """
 
     def __init__(
@@ -54,13 +55,15 @@ class LoopbackVideoSdkRoom(Sfu):
         video_reducer: VideoReducer | None = None,
         sink: MediaSink | None = None,
         record_media: bool = True,
-        forward_media: bool = True,
+        forward_media: bool | Collection[str] = True,
     ) -> None:
         self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.mkdtemp())
         self._video_reducer = video_reducer or reduce_video_gray
         self._sink: MediaSink = sink or self._record_frame
         self._record_media = record_media
-        self._forward_media = forward_media  # False: no newConsumer (saves re-encoding)
+        self._forward_kinds = frozenset(
+            {"audio", "video"} if forward_media is True else forward_media or ()
+        )
         self._certs: CertFiles | None = None
         self._runner: web.AppRunner | None = None
         self._http: ConfigServer | None = None

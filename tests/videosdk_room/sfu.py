@@ -66,7 +66,7 @@ class Sfu:
     _relay: MediaRelay
     _sink: MediaSink
     _record_media: bool
-    _forward_media: bool
+    _forward_kinds: frozenset[str]  # media kinds relayed to consumers
     _video_reducer: VideoReducer
     _data: dict[str, list[DataMessage]]
     _tasks: set[asyncio.Task[Any]]
@@ -284,7 +284,9 @@ class Sfu:
     async def _consume(self, peer: Peer, producer: Producer) -> None:
         """newConsumer: relay the producer's decoded track to ``peer``'s recv transport."""
         transport = peer.recv_transport
-        if not self._forward_media or transport is None or peer.closed or producer.closed:
+        if producer.kind not in self._forward_kinds or transport is None:
+            return
+        if peer.closed or producer.closed:
             return
         track = self._relay.subscribe(producer.track, buffered=False)
         sender = RTCRtpSender(track, transport.dtls)
