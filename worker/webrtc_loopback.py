@@ -27,11 +27,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aioice.ice
 from vsaiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -41,32 +40,22 @@ from vsaiortc import (
 )
 from vsaiortc.mediastreams import MediaStreamTrack
 
+from .ice import LOOPBACK, gather_on, gathering_on
 from .protocol import RELIABLE, UNRELIABLE, check_outgoing
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_MODES = {"reliable": RELIABLE, "unreliable": UNRELIABLE}
-LOOPBACK = "127.0.0.1"
-
-
-def _loopback_addresses(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
-    return [LOOPBACK] if use_ipv4 else []
 
 
 def restrict_ice_to_loopback() -> None:
     """From now on, gather ICE host candidates on 127.0.0.1 only (this process)."""
-    aioice.ice.get_host_addresses = _loopback_addresses
+    gather_on([LOOPBACK])
 
 
-@contextlib.contextmanager
-def ice_on_loopback() -> Iterator[None]:
+def ice_on_loopback() -> contextlib.AbstractContextManager[None]:
     """:func:`restrict_ice_to_loopback` for the duration of a ``with`` block."""
-    original = aioice.ice.get_host_addresses
-    aioice.ice.get_host_addresses = _loopback_addresses
-    try:
-        yield
-    finally:
-        aioice.ice.get_host_addresses = original
+    return gathering_on([LOOPBACK])
 
 
 def new_peer_connection() -> RTCPeerConnection:

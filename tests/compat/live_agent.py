@@ -53,6 +53,7 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"ev": event, "t": time.monotonic(), **fields}), flush=True)
 
 
+# worker.ice does this for the avatar side; this venv (3.12, the agent) has no worker package.
 def loopback_only(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
     return ["127.0.0.1"] if use_ipv4 else []
 

@@ -39,6 +39,8 @@ from vsaiortc.rtcrtpparameters import (
     RTCRtpSendParameters,
 )
 
+from worker.ice import LOOPBACK, host_addresses_on
+
 logger = logging.getLogger(__name__)
 
 SCTP_PORT = 5000
@@ -165,8 +167,7 @@ _original_get_host_addresses = aioice.ice.get_host_addresses
 _loopback_users = 0
 
 
-def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    return ["127.0.0.1"] if use_ipv4 else []
+_loopback_host_addresses = host_addresses_on([LOOPBACK])
 
 
 def patch_loopback_ice() -> Callable[[], None]:
